@@ -1,0 +1,1 @@
+//! Decoder, layer plans, sampling, log-probs and loading.

@@ -1,0 +1,1 @@
+//! Shared-memory rollout ring, weight store and control channel.

@@ -1,0 +1,1 @@
+//! The rollout server: the generation loop.
