@@ -1,0 +1,658 @@
+//! The rollout ring: an SPSC queue of [`RolloutRecord`]s in a shared-memory segment.
+//!
+//! Segment layout (`name.ring`):
+//! - `0..64`: [`RingHeaderFixed`] (magic stored last with Release, layout version, descriptor),
+//!   then the generation, heartbeats and quarantine counter as atomics at fixed offsets.
+//! - `128`: `head` on its own 128-byte line; `256`: `tail` on its own line.
+//! - `4096 + i * slot_size`: slot `i`: commit word, length, CRC32C, batch id, policy version,
+//!   sequence, then the encoded record at `+64`.
+//!
+//! Roles are OFD byte locks on the segment file (byte 0 producer, byte 1 consumer), held for
+//! the life of the handle: a peer that finds the lock free knows the role's process is gone.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::error::{CorruptReason, HeaderError, OpenError, PopError, PushError};
+use crate::record::{decode_record, Limits, RecordRef, RecordView, RolloutRecord};
+use crate::ring_core;
+use crate::segment::{monotonic_ns, Backoff, Segment, SegmentError};
+use crate::sync::{atomic_u64_at, AtomicU64, Ordering};
+
+/// Magic of a ring segment ("NRFTRING").
+pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"NRFTRING");
+/// Layout version of the ring segment and record encoding.
+pub const RING_LAYOUT_VERSION: u32 = 1;
+
+const EXT: &str = "ring";
+const OFF_GENERATION: usize = 40;
+const OFF_PRODUCER_HEARTBEAT: usize = 48;
+const OFF_CONSUMER_HEARTBEAT: usize = 56;
+const OFF_QUARANTINED: usize = 64;
+const OFF_HEAD: usize = 128;
+const OFF_TAIL: usize = 256;
+const SLOTS_OFFSET: usize = 4096;
+const SLOT_HEADER: usize = 64;
+const SLOT_OFF_LEN: usize = 8;
+const SLOT_OFF_CRC: usize = 16;
+const SLOT_OFF_BATCH: usize = 24;
+const SLOT_OFF_POLICY: usize = 32;
+const SLOT_OFF_SEQ: usize = 40;
+const PRODUCER_LOCK_BYTE: u64 = 0;
+const CONSUMER_LOCK_BYTE: u64 = 1;
+const MAX_CAPACITY: u32 = 1 << 20;
+
+/// The layout of a ring: capacity and the per-record maxima. Both sides must agree on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Number of slots (records in flight at most).
+    pub capacity: u32,
+    /// Per-record maxima.
+    pub limits: Limits,
+}
+
+impl Descriptor {
+    /// Bytes per slot (header + largest record, rounded to 64), or `None` on overflow.
+    pub fn slot_size(&self) -> Option<usize> {
+        let raw = SLOT_HEADER.checked_add(self.limits.max_record_bytes()?)?;
+        raw.checked_add(63).map(|v| v / 64 * 64)
+    }
+
+    /// Total segment size, or `None` on overflow.
+    pub fn segment_size(&self) -> Option<usize> {
+        SLOTS_OFFSET.checked_add(self.slot_size()?.checked_mul(self.capacity as usize)?)
+    }
+
+    /// File offset of the encoded record in slot `index` (for tooling and fault injection).
+    pub fn payload_offset(&self, index: u32) -> Option<u64> {
+        let off = SLOTS_OFFSET
+            .checked_add(self.slot_size()?.checked_mul(index as usize)?)?
+            .checked_add(SLOT_HEADER)?;
+        Some(off as u64)
+    }
+
+    fn validate(&self) -> Result<usize, OpenError> {
+        if self.capacity == 0 || self.capacity > MAX_CAPACITY {
+            return Err(OpenError::InvalidLayout(format!(
+                "capacity {} outside 1..={MAX_CAPACITY}",
+                self.capacity
+            )));
+        }
+        let size = self
+            .segment_size()
+            .filter(|s| *s <= isize::MAX as usize)
+            .ok_or_else(|| OpenError::InvalidLayout("segment size overflows".into()))?;
+        Ok(size)
+    }
+}
+
+/// The immutable prefix of the ring header, as stored.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct RingHeaderFixed {
+    magic: u64,
+    layout_version: u32,
+    _reserved: u32,
+    slot_size: u64,
+    capacity: u32,
+    max_prompt_tokens: u32,
+    max_completion_tokens: u32,
+    max_plan_layers: u32,
+}
+const FIXED_BYTES: usize = std::mem::size_of::<RingHeaderFixed>();
+const _: () = assert!(FIXED_BYTES == 40);
+
+/// Parses and checks a ring header from `bytes` (the start of a segment). With `expected`,
+/// every descriptor field must match; the error names the first that does not.
+pub fn parse_ring_header(
+    bytes: &[u8],
+    expected: Option<&Descriptor>,
+) -> Result<Descriptor, HeaderError> {
+    if bytes.len() < FIXED_BYTES {
+        return Err(HeaderError::Truncated {
+            needed: FIXED_BYTES,
+            found: bytes.len(),
+        });
+    }
+    // SAFETY: FIXED_BYTES bytes are readable; read_unaligned has no alignment requirement and
+    // every bit pattern is a valid RingHeaderFixed (integers only).
+    let h: RingHeaderFixed = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    if h.magic == 0 {
+        return Err(HeaderError::NotInitialised);
+    }
+    if h.magic != RING_MAGIC {
+        return Err(HeaderError::BadMagic {
+            expected: RING_MAGIC,
+            found: h.magic,
+        });
+    }
+    if h.layout_version != RING_LAYOUT_VERSION {
+        return Err(HeaderError::BadVersion {
+            expected: RING_LAYOUT_VERSION,
+            found: h.layout_version,
+        });
+    }
+    let found = Descriptor {
+        capacity: h.capacity,
+        limits: Limits {
+            max_prompt_tokens: h.max_prompt_tokens,
+            max_completion_tokens: h.max_completion_tokens,
+            max_plan_layers: h.max_plan_layers,
+        },
+    };
+    if let Some(e) = expected {
+        let pairs: [(&'static str, u64, u64); 4] = [
+            ("capacity", e.capacity.into(), found.capacity.into()),
+            (
+                "max_prompt_tokens",
+                e.limits.max_prompt_tokens.into(),
+                h.max_prompt_tokens.into(),
+            ),
+            (
+                "max_completion_tokens",
+                e.limits.max_completion_tokens.into(),
+                h.max_completion_tokens.into(),
+            ),
+            (
+                "max_plan_layers",
+                e.limits.max_plan_layers.into(),
+                h.max_plan_layers.into(),
+            ),
+        ];
+        for (field, expected, found) in pairs {
+            if expected != found {
+                return Err(HeaderError::Descriptor {
+                    field,
+                    expected,
+                    found,
+                });
+            }
+        }
+    }
+    if found.capacity == 0 || found.capacity > MAX_CAPACITY {
+        return Err(HeaderError::Descriptor {
+            field: "capacity",
+            expected: MAX_CAPACITY.into(),
+            found: found.capacity.into(),
+        });
+    }
+    let slot = found.slot_size().unwrap_or(0) as u64;
+    if slot == 0 || slot != h.slot_size {
+        return Err(HeaderError::Descriptor {
+            field: "slot_size",
+            expected: slot,
+            found: h.slot_size,
+        });
+    }
+    Ok(found)
+}
+
+/// Entry points: create (producer), resume (restarted producer), open (consumer).
+#[derive(Debug)]
+pub struct RolloutRing;
+
+impl RolloutRing {
+    /// Creates `dir/name.ring` (`O_EXCL`, 0600) and returns the producer handle.
+    pub fn create(dir: &Path, name: &str, desc: Descriptor) -> Result<Producer, OpenError> {
+        let size = desc.validate()?;
+        let seg = Segment::create(dir, name, EXT, size as u64)?;
+        take_role(&seg, PRODUCER_LOCK_BYTE, "producer")?;
+        let fixed = RingHeaderFixed {
+            magic: 0,
+            layout_version: RING_LAYOUT_VERSION,
+            _reserved: 0,
+            slot_size: desc.slot_size().unwrap_or(0) as u64,
+            capacity: desc.capacity,
+            max_prompt_tokens: desc.limits.max_prompt_tokens,
+            max_completion_tokens: desc.limits.max_completion_tokens,
+            max_plan_layers: desc.limits.max_plan_layers,
+        };
+        // SAFETY: the fresh mapping is at least SLOTS_OFFSET bytes and nobody can use it before
+        // the magic is published below (openers reject a zero magic).
+        unsafe { std::ptr::write(seg.ptr().cast::<RingHeaderFixed>(), fixed) };
+        let ring = Mapped::new(seg, desc);
+        ring.word(OFF_GENERATION).store(1, Ordering::Relaxed);
+        ring.word(OFF_PRODUCER_HEARTBEAT)
+            .store(monotonic_ns(), Ordering::Relaxed);
+        // Release: publishes the header fields written above; pairs with the Acquire load of
+        // the magic in `Mapped::open`.
+        ring.word(0).store(RING_MAGIC, Ordering::Release);
+        Ok(Producer {
+            ring,
+            head: 0,
+            generation: 1,
+        })
+    }
+
+    /// Re-attaches a restarted producer to an existing ring whose producer died. Bumps the
+    /// generation and continues after the last committed record; uncommitted data is dropped.
+    pub fn resume(dir: &Path, name: &str, desc: Descriptor) -> Result<Producer, OpenError> {
+        let ring = Mapped::open(dir, name, &desc)?;
+        take_role(&ring.seg, PRODUCER_LOCK_BYTE, "producer")?;
+        // AcqRel: we own the role exclusively now; the consumer reads the generation Relaxed
+        // for reporting only.
+        let generation = ring.word(OFF_GENERATION).fetch_add(1, Ordering::AcqRel) + 1;
+        let mut head = ring.head().load(Ordering::Acquire);
+        // A producer killed between its commit store and its head store left one committed
+        // record ahead of `head`; never overwrite it.
+        while ring_core::consumer_ready(ring.commit(head), head) {
+            head += 1;
+        }
+        ring.head().store(head, Ordering::Release);
+        ring.word(OFF_PRODUCER_HEARTBEAT)
+            .store(monotonic_ns(), Ordering::Relaxed);
+        Ok(Producer {
+            ring,
+            head,
+            generation,
+        })
+    }
+
+    /// Opens an existing ring as its consumer.
+    pub fn open(dir: &Path, name: &str, desc: Descriptor) -> Result<Consumer, OpenError> {
+        let ring = Mapped::open(dir, name, &desc)?;
+        take_role(&ring.seg, CONSUMER_LOCK_BYTE, "consumer")?;
+        // Acquire pairs with the consumer_release of a previous consumer of this ring.
+        let tail = ring.tail().load(Ordering::Acquire);
+        let words = desc.slot_size().unwrap_or(SLOT_HEADER).div_ceil(8);
+        Ok(Consumer {
+            ring,
+            tail,
+            buf: vec![0u64; words],
+            quarantined: 0,
+        })
+    }
+
+    /// Removes the segment file (mappings stay valid until their handles drop).
+    pub fn remove(dir: &Path, name: &str) -> std::io::Result<()> {
+        std::fs::remove_file(dir.join(format!("{name}.{EXT}")))
+    }
+}
+
+fn take_role(seg: &Segment, byte: u64, role: &'static str) -> Result<(), OpenError> {
+    match seg.try_lock_byte(byte) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(OpenError::RoleTaken {
+            role,
+            path: seg.path().to_owned(),
+        }),
+        Err(source) => Err(OpenError::Lock {
+            path: seg.path().to_owned(),
+            source,
+        }),
+    }
+}
+
+/// A mapped, header-checked ring segment.
+#[derive(Debug)]
+struct Mapped {
+    seg: Segment,
+    desc: Descriptor,
+    slot_size: usize,
+}
+
+impl Mapped {
+    fn new(seg: Segment, desc: Descriptor) -> Self {
+        let slot_size = desc.slot_size().unwrap_or(0);
+        Self {
+            seg,
+            desc,
+            slot_size,
+        }
+    }
+
+    fn open(dir: &Path, name: &str, desc: &Descriptor) -> Result<Self, OpenError> {
+        let size = desc.validate()?;
+        let seg = Segment::open(dir, name, EXT, None)?;
+        let header_err = |source| OpenError::Header {
+            path: seg.path().to_owned(),
+            source,
+        };
+        if seg.len() < SLOTS_OFFSET {
+            return Err(header_err(HeaderError::Truncated {
+                needed: SLOTS_OFFSET,
+                found: seg.len(),
+            }));
+        }
+        // SAFETY: the mapping is at least SLOTS_OFFSET bytes and page aligned.
+        let magic = unsafe { atomic_u64_at(seg.ptr().cast()) };
+        // Acquire pairs with the Release store of the magic in `create`.
+        if magic.load(Ordering::Acquire) == 0 {
+            return Err(header_err(HeaderError::NotInitialised));
+        }
+        let mut fixed = [0u8; FIXED_BYTES];
+        // SAFETY: the fixed prefix is immutable once the magic is published (seen above).
+        unsafe { std::ptr::copy_nonoverlapping(seg.ptr(), fixed.as_mut_ptr(), FIXED_BYTES) };
+        parse_ring_header(&fixed, Some(desc)).map_err(header_err)?;
+        if seg.len() != size {
+            return Err(SegmentError::WrongSize {
+                path: seg.path().to_owned(),
+                expected: size as u64,
+                found: seg.len() as u64,
+            }
+            .into());
+        }
+        Ok(Self::new(seg, *desc))
+    }
+
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        debug_assert!(offset % 8 == 0 && offset + 8 <= self.seg.len());
+        // SAFETY: every caller passes a fixed, 8-aligned offset inside the checked segment
+        // (header words or a slot's commit word), and those words are only accessed atomically.
+        unsafe { atomic_u64_at(self.seg.ptr().add(offset).cast()) }
+    }
+
+    fn head(&self) -> &AtomicU64 {
+        self.word(OFF_HEAD)
+    }
+
+    fn tail(&self) -> &AtomicU64 {
+        self.word(OFF_TAIL)
+    }
+
+    fn slot_offset(&self, seq: u64) -> usize {
+        SLOTS_OFFSET + (seq % u64::from(self.desc.capacity)) as usize * self.slot_size
+    }
+
+    fn commit(&self, seq: u64) -> &AtomicU64 {
+        self.word(self.slot_offset(seq))
+    }
+
+    fn slot_ptr(&self, seq: u64) -> *mut u8 {
+        // SAFETY: slot_offset < SLOTS_OFFSET + capacity * slot_size == segment length.
+        unsafe { self.seg.ptr().add(self.slot_offset(seq)) }
+    }
+
+    fn alive(&self, byte: u64) -> bool {
+        // An error here (should not happen on a valid fd) is treated as "alive": we never
+        // report a peer dead without the kernel's word for it.
+        self.seg.byte_locked_by_other(byte).unwrap_or(true)
+    }
+}
+
+fn slot_meta_crc(len: u64, batch: u64, policy: u64, seq: u64) -> u32 {
+    let mut meta = [0u8; 32];
+    for (i, v) in [len, batch, policy, seq].into_iter().enumerate() {
+        meta[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    crc32c::crc32c(&meta)
+}
+
+/// The producer handle (one per ring, held by the rollout server).
+#[derive(Debug)]
+pub struct Producer {
+    ring: Mapped,
+    head: u64,
+    generation: u64,
+}
+
+/// A record written into its slot but not yet visible to the consumer.
+/// Dropping it abandons the record; the slot is rewritten by the next push.
+#[derive(Debug)]
+#[must_use = "a pending record is invisible until committed"]
+pub struct Pending<'a> {
+    producer: &'a mut Producer,
+    seq: u64,
+}
+
+impl Pending<'_> {
+    /// Makes the record visible to the consumer; returns its sequence number.
+    pub fn commit(self) -> u64 {
+        let p = self.producer;
+        ring_core::producer_commit(p.ring.commit(self.seq), p.ring.head(), self.seq);
+        // Relaxed: the heartbeat is a diagnostic timestamp; no data depends on it.
+        p.ring
+            .word(OFF_PRODUCER_HEARTBEAT)
+            .store(monotonic_ns(), Ordering::Relaxed);
+        p.head = self.seq + 1;
+        self.seq
+    }
+}
+
+impl Producer {
+    /// The ring's descriptor.
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.ring.desc
+    }
+
+    /// This producer's generation (1 for the creator, +1 per restart).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Sequence number the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.head
+    }
+
+    /// Whether a consumer process currently holds the ring.
+    pub fn consumer_alive(&self) -> bool {
+        self.ring.alive(CONSUMER_LOCK_BYTE)
+    }
+
+    /// Writes the record into the next slot without committing it.
+    /// Fails with [`PushError::Full`] when the consumer has not released that slot.
+    pub fn write_uncommitted(&mut self, rec: &RecordView<'_>) -> Result<Pending<'_>, PushError> {
+        let len = rec.validate(&self.ring.desc.limits)?;
+        let seq = self.head;
+        if !ring_core::producer_has_space(self.ring.tail(), seq, self.ring.desc.capacity.into()) {
+            return Err(PushError::Full {
+                capacity: self.ring.desc.capacity,
+            });
+        }
+        let slot = self.ring.slot_ptr(seq);
+        let (len64, batch, policy) = (len as u64, rec.batch_id, rec.policy_version);
+        let seed = slot_meta_crc(len64, batch, policy, seq);
+        // SAFETY: the slot is ours: the consumer released it (checked above) and no other
+        // producer exists (role lock). `validate` bounded `len` by max_record_bytes, which fits
+        // in slot_size - SLOT_HEADER. The metadata words are plain data written before the
+        // commit's Release store.
+        unsafe {
+            let crc = rec.write_to(slot.add(SLOT_HEADER), len, seed);
+            slot.add(SLOT_OFF_LEN).cast::<u64>().write(len64);
+            slot.add(SLOT_OFF_BATCH).cast::<u64>().write(batch);
+            slot.add(SLOT_OFF_POLICY).cast::<u64>().write(policy);
+            slot.add(SLOT_OFF_SEQ).cast::<u64>().write(seq);
+            slot.add(SLOT_OFF_CRC).cast::<u32>().write(crc);
+        }
+        Ok(Pending {
+            producer: self,
+            seq,
+        })
+    }
+
+    /// Writes and commits one record, or fails at once with [`PushError::Full`].
+    pub fn try_push(&mut self, rec: &RecordView<'_>) -> Result<u64, PushError> {
+        Ok(self.write_uncommitted(rec)?.commit())
+    }
+
+    /// Pushes, waiting up to `timeout` for space (backpressure). Never overwrites.
+    pub fn push(&mut self, rec: &RecordView<'_>, timeout: Duration) -> Result<u64, PushError> {
+        let start = Instant::now();
+        let mut backoff = Backoff::new();
+        loop {
+            match self.try_push(rec) {
+                Err(PushError::Full { .. }) => {}
+                other => return other,
+            }
+            if backoff.snooze() && start.elapsed() >= timeout {
+                return Err(PushError::Timeout {
+                    waited: start.elapsed(),
+                    consumer_alive: self.consumer_alive(),
+                });
+            }
+        }
+    }
+
+    /// Records committed and not yet consumed.
+    pub fn len(&self) -> u64 {
+        ring_core::committed_len(self.ring.head(), self.ring.tail())
+    }
+
+    /// Whether the consumer has caught up.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The consumer handle (one per ring, held by the learner).
+#[derive(Debug)]
+pub struct Consumer {
+    ring: Mapped,
+    tail: u64,
+    buf: Vec<u64>,
+    quarantined: u64,
+}
+
+impl Consumer {
+    /// The ring's descriptor.
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.ring.desc
+    }
+
+    /// Sequence number of the next record to read.
+    pub fn next_seq(&self) -> u64 {
+        self.tail
+    }
+
+    /// Records this consumer quarantined (CRC or decode failures).
+    pub fn quarantined(&self) -> u64 {
+        self.quarantined
+    }
+
+    /// Records quarantined by any consumer of this ring, ever.
+    pub fn quarantined_total(&self) -> u64 {
+        // Relaxed: a statistics counter.
+        self.ring.word(OFF_QUARANTINED).load(Ordering::Relaxed)
+    }
+
+    /// The producer generation currently recorded in the header.
+    pub fn producer_generation(&self) -> u64 {
+        // Relaxed: informational; data visibility is governed by the commit words.
+        self.ring.word(OFF_GENERATION).load(Ordering::Relaxed)
+    }
+
+    /// Whether a producer process currently holds the ring.
+    pub fn producer_alive(&self) -> bool {
+        self.ring.alive(PRODUCER_LOCK_BYTE)
+    }
+
+    /// Time since the producer last committed (or started).
+    pub fn producer_heartbeat_age(&self) -> Duration {
+        // Relaxed: diagnostic timestamp.
+        let beat = self
+            .ring
+            .word(OFF_PRODUCER_HEARTBEAT)
+            .load(Ordering::Relaxed);
+        Duration::from_nanos(monotonic_ns().saturating_sub(beat))
+    }
+
+    /// Reads the next record if one is committed, hands it to `f`, then releases the slot.
+    /// If the process dies inside `f`, the record is delivered again to the next consumer.
+    pub fn try_pop_with<R>(&mut self, f: impl FnOnce(RecordRef<'_>) -> R) -> Result<R, PopError> {
+        let seq = self.tail;
+        if !ring_core::consumer_ready(self.ring.commit(seq), seq) {
+            return Err(PopError::Empty);
+        }
+        let slot = self.ring.slot_ptr(seq);
+        let max = (self.ring.slot_size - SLOT_HEADER) as u64;
+        // SAFETY: the commit word's Acquire load made the producer's writes of this slot
+        // visible, and the producer will not touch the slot until we release it.
+        let (len, stored_crc, batch, policy) = unsafe {
+            (
+                slot.add(SLOT_OFF_LEN).cast::<u64>().read(),
+                slot.add(SLOT_OFF_CRC).cast::<u32>().read(),
+                slot.add(SLOT_OFF_BATCH).cast::<u64>().read(),
+                slot.add(SLOT_OFF_POLICY).cast::<u64>().read(),
+            )
+        };
+        if len > max {
+            return Err(self.quarantine(seq, CorruptReason::Length { len, max }));
+        }
+        let len = len as usize;
+        let dst = self.buf.as_mut_ptr().cast::<u8>();
+        // SAFETY: `len <= max` bytes lie inside the slot; `buf` holds slot_size >= max bytes;
+        // the regions do not overlap (private heap vs shared mapping).
+        unsafe { std::ptr::copy_nonoverlapping(slot.add(SLOT_HEADER), dst, len) };
+        // SAFETY: `buf` is a live Vec<u64> of at least `len` bytes, initialised above.
+        let bytes = unsafe { std::slice::from_raw_parts(dst.cast_const(), len) };
+        // The expected sequence (not the stored one) seeds the CRC, so a stale slot fails too.
+        let computed = crc32c::crc32c_append(slot_meta_crc(len as u64, batch, policy, seq), bytes);
+        if computed != stored_crc {
+            let reason = CorruptReason::Crc {
+                stored: stored_crc,
+                computed,
+            };
+            return Err(self.quarantine(seq, reason));
+        }
+        let rec = match decode_record(bytes, &self.ring.desc.limits) {
+            Ok(r) => r,
+            Err(e) => return Err(self.quarantine(seq, CorruptReason::Record(e))),
+        };
+        let out = f(rec);
+        self.release(seq);
+        Ok(out)
+    }
+
+    fn release(&mut self, seq: u64) {
+        ring_core::consumer_release(self.ring.tail(), seq);
+        self.tail = seq + 1;
+        // Relaxed: diagnostic timestamp.
+        self.ring
+            .word(OFF_CONSUMER_HEARTBEAT)
+            .store(monotonic_ns(), Ordering::Relaxed);
+    }
+
+    fn quarantine(&mut self, seq: u64, reason: CorruptReason) -> PopError {
+        self.quarantined += 1;
+        // Relaxed: a statistics counter.
+        self.ring
+            .word(OFF_QUARANTINED)
+            .fetch_add(1, Ordering::Relaxed);
+        self.release(seq);
+        PopError::Corrupt { seq, reason }
+    }
+
+    /// Like [`Self::try_pop_with`], waiting up to `timeout`. Reports a dead producer as
+    /// [`PopError::ProducerDead`] once the ring is empty.
+    pub fn pop_with<R>(
+        &mut self,
+        timeout: Duration,
+        f: impl FnOnce(RecordRef<'_>) -> R,
+    ) -> Result<R, PopError> {
+        let start = Instant::now();
+        let mut backoff = Backoff::new();
+        let mut f = Some(f);
+        loop {
+            let seq = self.tail;
+            if ring_core::consumer_ready(self.ring.commit(seq), seq) {
+                let f = f.take().ok_or(PopError::Empty)?;
+                return self.try_pop_with(f);
+            }
+            if backoff.snooze() {
+                if !self.producer_alive() {
+                    // Re-check: the producer may have committed just before dying.
+                    if ring_core::consumer_ready(self.ring.commit(seq), seq) {
+                        continue;
+                    }
+                    return Err(PopError::ProducerDead {
+                        generation: self.producer_generation(),
+                    });
+                }
+                if start.elapsed() >= timeout {
+                    return Err(PopError::Timeout(start.elapsed()));
+                }
+            }
+        }
+    }
+
+    /// Pops one owned record, waiting up to `timeout`.
+    pub fn pop(&mut self, timeout: Duration) -> Result<RolloutRecord, PopError> {
+        self.pop_with(timeout, |r| r.to_owned_record())
+    }
+
+    /// Pops one owned record if one is committed.
+    pub fn try_pop(&mut self) -> Result<RolloutRecord, PopError> {
+        self.try_pop_with(|r| r.to_owned_record())
+    }
+}

@@ -1,0 +1,263 @@
+//! Shared-memory segments: files in a runtime directory, created `O_EXCL` with mode 0600 and
+//! mapped with `memmap2`, plus open-file-description (OFD) byte locks used as liveness tokens.
+//!
+//! A process takes a role (producer, consumer, writer, reader N) by holding an OFD write lock on
+//! one byte of the segment file. The kernel drops the lock when the process dies, so a peer can
+//! tell "alive" from "crashed" without trusting a heartbeat alone.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapRaw;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the shared-memory layouts are defined for little-endian hosts only");
+
+/// The directory segments live in when none is given: `$XDG_RUNTIME_DIR`, else `/dev/shm`.
+pub fn default_runtime_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(|| PathBuf::from("/dev/shm"))
+}
+
+/// Why a segment could not be created or opened at the file level.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SegmentError {
+    /// The segment name is empty or contains a path separator.
+    #[error("invalid segment name {0:?}: use a non-empty name without '/' or NUL")]
+    InvalidName(String),
+    /// Creating with `O_EXCL` found an existing file.
+    #[error("segment {0} already exists")]
+    AlreadyExists(PathBuf),
+    /// The segment file does not exist.
+    #[error("segment {0} does not exist")]
+    NotFound(PathBuf),
+    /// The file is owned by another user.
+    #[error("segment {path} is owned by uid {owner}, not by this process's uid {me}")]
+    WrongOwner { path: PathBuf, owner: u32, me: u32 },
+    /// The file is readable or writable by group or others.
+    #[error("segment {path} has mode {mode:o}; only 0600 is accepted")]
+    WrongMode { path: PathBuf, mode: u32 },
+    /// The file's size differs from what its layout needs.
+    #[error("segment {path} is {found} bytes, its layout needs {expected}")]
+    WrongSize {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    /// Any other I/O failure, with what was being done.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// A mapped segment file. The mapping stays valid for the value's lifetime.
+pub(crate) struct Segment {
+    file: File,
+    map: MmapRaw,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("path", &self.path)
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
+fn segment_path(dir: &Path, name: &str, ext: &str) -> Result<PathBuf, SegmentError> {
+    if name.is_empty() || name.contains('/') || name.contains('\0') {
+        return Err(SegmentError::InvalidName(name.to_owned()));
+    }
+    Ok(dir.join(format!("{name}.{ext}")))
+}
+
+fn io_err<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> SegmentError + 'p {
+    move |source| SegmentError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Segment {
+    /// Creates `dir/name.ext` with `O_CREAT | O_EXCL`, mode 0600, zero-filled, of `len` bytes.
+    pub(crate) fn create(
+        dir: &Path,
+        name: &str,
+        ext: &str,
+        len: u64,
+    ) -> Result<Self, SegmentError> {
+        let path = segment_path(dir, name, ext)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    SegmentError::AlreadyExists(path.clone())
+                } else {
+                    SegmentError::Io {
+                        what: "creating",
+                        path: path.clone(),
+                        source: e,
+                    }
+                }
+            })?;
+        file.set_len(len).map_err(io_err("sizing", &path))?;
+        let map = MmapRaw::map_raw(&file).map_err(io_err("mapping", &path))?;
+        Ok(Self { file, map, path })
+    }
+
+    /// Opens an existing segment after checking owner, mode and (when given) size.
+    pub(crate) fn open(
+        dir: &Path,
+        name: &str,
+        ext: &str,
+        expected_len: Option<u64>,
+    ) -> Result<Self, SegmentError> {
+        let path = segment_path(dir, name, ext)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    SegmentError::NotFound(path.clone())
+                } else {
+                    SegmentError::Io {
+                        what: "opening",
+                        path: path.clone(),
+                        source: e,
+                    }
+                }
+            })?;
+        let meta = file.metadata().map_err(io_err("inspecting", &path))?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(SegmentError::WrongOwner {
+                path,
+                owner: meta.uid(),
+                me,
+            });
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(SegmentError::WrongMode {
+                path,
+                mode: meta.mode() & 0o7777,
+            });
+        }
+        if let Some(expected) = expected_len {
+            if meta.len() != expected {
+                return Err(SegmentError::WrongSize {
+                    path,
+                    expected,
+                    found: meta.len(),
+                });
+            }
+        }
+        let map = MmapRaw::map_raw(&file).map_err(io_err("mapping", &path))?;
+        Ok(Self { file, map, path })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes the OFD write lock on byte `index` without waiting. `Ok(false)`: someone holds it.
+    pub(crate) fn try_lock_byte(&self, index: u64) -> io::Result<bool> {
+        let mut fl = flock_for(libc::F_WRLCK, index);
+        // SAFETY: the fd is open for the lifetime of `self.file`; `fl` is a valid, initialised
+        // flock struct with l_pid = 0 as F_OFD_SETLK requires.
+        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+            _ => Err(err),
+        }
+    }
+
+    /// Whether another open file description (any process) holds the lock on byte `index`.
+    pub(crate) fn byte_locked_by_other(&self, index: u64) -> io::Result<bool> {
+        let mut fl = flock_for(libc::F_WRLCK, index);
+        // SAFETY: as in try_lock_byte; F_OFD_GETLK only writes into `fl`.
+        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(i32::from(fl.l_type) != libc::F_UNLCK)
+    }
+}
+
+fn flock_for(kind: i32, index: u64) -> libc::flock {
+    // SAFETY: flock is a plain C struct; all-zero is a valid value (l_pid must be 0 for OFD).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = index as libc::off_t;
+    fl.l_len = 1;
+    fl
+}
+
+/// Nanoseconds on `CLOCK_MONOTONIC`, which all processes on the host share.
+pub(crate) fn monotonic_ns() -> u64 {
+    // SAFETY: timespec is plain data; clock_gettime only writes to it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC is always available on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+}
+
+/// Back-off for waits: spin, then yield, then sleep briefly.
+pub(crate) struct Backoff {
+    step: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self { step: 0 }
+    }
+
+    /// Waits a little; returns true once the caller should do its slow checks (liveness).
+    pub(crate) fn snooze(&mut self) -> bool {
+        self.step = self.step.saturating_add(1);
+        if self.step < 4096 {
+            std::hint::spin_loop();
+            false
+        } else if self.step < 4096 + 64 {
+            std::thread::yield_now();
+            false
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            true
+        }
+    }
+}
