@@ -1,0 +1,104 @@
+//! Record encoding: round trips and typed rejections.
+
+mod common;
+
+use protocol::{decode_record, encode_record, RecordError};
+
+fn aligned(bytes: &[u8]) -> Vec<u32> {
+    let mut v = vec![0u32; bytes.len().div_ceil(4)];
+    // SAFETY: v has at least bytes.len() bytes; the regions do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len())
+    };
+    v
+}
+
+fn as_bytes(v: &[u32], len: usize) -> &[u8] {
+    // SAFETY: v holds at least len initialised bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), len) }
+}
+
+#[test]
+fn round_trip_every_field() {
+    let limits = common::desc(4).limits;
+    for i in 0..200 {
+        let rec = common::record(i);
+        let bytes = encode_record(&rec.as_view(), &limits).expect("encode");
+        let buf = aligned(&bytes);
+        let back = decode_record(as_bytes(&buf, bytes.len()), &limits).expect("decode");
+        assert_eq!(back.to_owned_record(), rec, "record {i}");
+    }
+}
+
+#[test]
+fn oversized_fields_are_rejected_when_writing() {
+    let limits = common::desc(4).limits;
+    let mut rec = common::record(3);
+    rec.completion = vec![1; 129];
+    rec.logprobs = vec![0.0; 129];
+    match encode_record(&rec.as_view(), &limits) {
+        Err(RecordError::TooMany {
+            field: "completion",
+            count: 129,
+            max: 128,
+        }) => {}
+        other => panic!("expected TooMany completion, got {other:?}"),
+    }
+    let mut rec = common::record(3);
+    rec.logprobs.pop();
+    assert!(matches!(
+        encode_record(&rec.as_view(), &limits),
+        Err(RecordError::LogprobCount { .. })
+    ));
+}
+
+#[test]
+fn decoding_checks_counts_lengths_and_codes() {
+    let limits = common::desc(4).limits;
+    let rec = common::record(10);
+    let bytes = encode_record(&rec.as_view(), &limits).expect("encode");
+    // Truncated.
+    let buf = aligned(&bytes);
+    assert!(matches!(
+        decode_record(as_bytes(&buf, 50), &limits),
+        Err(RecordError::Truncated {
+            needed: 112,
+            found: 50
+        })
+    ));
+    // A prompt count beyond the limit (offset 100 = n_prompt).
+    let mut bad = bytes.clone();
+    bad[100..104].copy_from_slice(&65u32.to_le_bytes());
+    let b = aligned(&bad);
+    assert!(matches!(
+        decode_record(as_bytes(&b, bad.len()), &limits),
+        Err(RecordError::TooMany {
+            field: "prompt",
+            count: 65,
+            max: 64
+        })
+    ));
+    // A count within limits but inconsistent with the payload size.
+    let mut bad = bytes.clone();
+    bad[100..104].copy_from_slice(&1u32.to_le_bytes());
+    let b = aligned(&bad);
+    assert!(matches!(
+        decode_record(as_bytes(&b, bad.len()), &limits),
+        Err(RecordError::LengthMismatch { .. })
+    ));
+    // Unknown finish reason (offset 68).
+    let mut bad = bytes.clone();
+    bad[68..72].copy_from_slice(&99u32.to_le_bytes());
+    let b = aligned(&bad);
+    assert_eq!(
+        decode_record(as_bytes(&b, bad.len()), &limits),
+        Err(RecordError::BadFinishReason(99))
+    );
+    // Misaligned buffer.
+    let b = aligned(&[bytes.as_slice(), &[0u8; 4]].concat());
+    let shifted = &as_bytes(&b, bytes.len() + 4)[1..bytes.len() + 1];
+    assert_eq!(
+        decode_record(shifted, &limits),
+        Err(RecordError::Misaligned)
+    );
+}

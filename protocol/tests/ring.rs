@@ -1,0 +1,262 @@
+//! Rollout ring in one process (two handles on one real shared segment).
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::time::Duration;
+
+use protocol::{
+    parse_ring_header, CorruptReason, Descriptor, HeaderError, OpenError, PopError, PushError,
+    RolloutRing, SegmentError, RING_MAGIC,
+};
+
+const T: Duration = Duration::from_secs(5);
+
+#[test]
+fn records_arrive_in_order_and_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = RolloutRing::create(dir.path(), "r", common::desc(4)).expect("create");
+    let mut c = RolloutRing::open(dir.path(), "r", common::desc(4)).expect("open");
+    for round in 0..10u64 {
+        for i in 0..4 {
+            let seq = p
+                .try_push(&common::record(round * 4 + i).as_view())
+                .expect("push");
+            assert_eq!(seq, round * 4 + i);
+        }
+        assert_eq!(p.len(), 4);
+        for i in 0..4 {
+            assert_eq!(c.pop(T).expect("pop"), common::record(round * 4 + i));
+        }
+        assert!(matches!(c.try_pop(), Err(PopError::Empty)));
+    }
+}
+
+#[test]
+fn full_ring_backpressures_and_never_overwrites() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = RolloutRing::create(dir.path(), "r", common::desc(2)).expect("create");
+    let mut c = RolloutRing::open(dir.path(), "r", common::desc(2)).expect("open");
+    p.try_push(&common::record(0).as_view()).expect("push 0");
+    p.try_push(&common::record(1).as_view()).expect("push 1");
+    assert!(matches!(
+        p.try_push(&common::record(2).as_view()),
+        Err(PushError::Full { capacity: 2 })
+    ));
+    match p.push(&common::record(2).as_view(), Duration::from_millis(20)) {
+        Err(PushError::Timeout {
+            consumer_alive: true,
+            ..
+        }) => {}
+        other => panic!("expected timeout with live consumer, got {other:?}"),
+    }
+    assert_eq!(c.pop(T).expect("pop"), common::record(0));
+    p.try_push(&common::record(2).as_view())
+        .expect("space after one pop");
+    assert_eq!(c.pop(T).expect("pop"), common::record(1));
+    assert_eq!(c.pop(T).expect("pop"), common::record(2));
+}
+
+#[test]
+fn uncommitted_record_is_invisible_and_dead_producer_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = RolloutRing::create(dir.path(), "r", common::desc(4)).expect("create");
+    let mut c = RolloutRing::open(dir.path(), "r", common::desc(4)).expect("open");
+    p.try_push(&common::record(0).as_view()).expect("push");
+    let pending = p
+        .write_uncommitted(&common::record(1).as_view())
+        .expect("write");
+    drop(pending);
+    assert_eq!(c.pop(T).expect("pop"), common::record(0));
+    assert!(matches!(c.try_pop(), Err(PopError::Empty)));
+    assert!(c.producer_alive());
+    drop(p);
+    assert!(!c.producer_alive());
+    assert!(matches!(
+        c.pop(T),
+        Err(PopError::ProducerDead { generation: 1 })
+    ));
+    let mut p2 = RolloutRing::resume(dir.path(), "r", common::desc(4)).expect("resume");
+    assert_eq!(p2.generation(), 2);
+    assert_eq!(p2.next_seq(), 1);
+    p2.try_push(&common::record(7).as_view())
+        .expect("push after resume");
+    assert_eq!(c.pop(T).expect("pop"), common::record(7));
+    assert_eq!(c.producer_generation(), 2);
+}
+
+#[test]
+fn roles_are_exclusive_and_creation_is_exclusive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _p = RolloutRing::create(dir.path(), "r", common::desc(4)).expect("create");
+    assert!(matches!(
+        RolloutRing::create(dir.path(), "r", common::desc(4)),
+        Err(OpenError::Segment(SegmentError::AlreadyExists(_)))
+    ));
+    assert!(matches!(
+        RolloutRing::resume(dir.path(), "r", common::desc(4)),
+        Err(OpenError::RoleTaken {
+            role: "producer",
+            ..
+        })
+    ));
+    let _c = RolloutRing::open(dir.path(), "r", common::desc(4)).expect("open");
+    assert!(matches!(
+        RolloutRing::open(dir.path(), "r", common::desc(4)),
+        Err(OpenError::RoleTaken {
+            role: "consumer",
+            ..
+        })
+    ));
+    let mode = std::fs::metadata(dir.path().join("r.ring")).expect("meta");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn descriptor_mismatch_names_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _p = RolloutRing::create(dir.path(), "r", common::desc(4)).expect("create");
+    let mut other = common::desc(4);
+    other.limits.max_completion_tokens = 256;
+    match RolloutRing::open(dir.path(), "r", other) {
+        Err(OpenError::Header {
+            source:
+                HeaderError::Descriptor {
+                    field: "max_completion_tokens",
+                    expected: 256,
+                    found: 128,
+                },
+            ..
+        }) => {}
+        other => panic!("expected descriptor error, got {other:?}"),
+    }
+}
+
+fn corrupt(dir: &std::path::Path, name: &str, offset: u64, bytes: &[u8]) {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dir.join(name))
+        .expect("open file");
+    f.write_all_at(bytes, offset).expect("write");
+}
+
+#[test]
+fn corrupt_magic_version_and_descriptor_are_typed_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = common::desc(4);
+    for (i, (offset, bytes)) in [
+        (0u64, 0x1234u64.to_le_bytes().to_vec()),
+        (8, vec![9, 0, 0, 0]),
+        (16, vec![1, 0, 0, 0]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("c{i}");
+        drop(RolloutRing::create(dir.path(), &name, d).expect("create"));
+        corrupt(dir.path(), &format!("{name}.ring"), offset, &bytes);
+        let err = RolloutRing::open(dir.path(), &name, d).expect_err("must fail");
+        let OpenError::Header { source, .. } = &err else {
+            panic!("expected header error, got {err:?}")
+        };
+        match (i, source) {
+            (
+                0,
+                HeaderError::BadMagic {
+                    expected: RING_MAGIC,
+                    found: 0x1234,
+                },
+            ) => {}
+            (
+                1,
+                HeaderError::BadVersion {
+                    expected: 1,
+                    found: 9,
+                },
+            ) => {}
+            (
+                2,
+                HeaderError::Descriptor {
+                    field: "slot_size", ..
+                },
+            ) => {}
+            _ => panic!("case {i}: unexpected {source:?}"),
+        }
+        assert!(err.to_string().contains(match i {
+            0 => "magic",
+            1 => "version",
+            _ => "slot_size",
+        }));
+    }
+    assert!(matches!(
+        parse_ring_header(&[0u8; 8], None),
+        Err(HeaderError::Truncated { .. })
+    ));
+}
+
+#[test]
+fn wrong_size_and_wrong_mode_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = common::desc(4);
+    drop(RolloutRing::create(dir.path(), "s", d).expect("create"));
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("s.ring"))
+        .expect("open");
+    f.set_len(d.segment_size().expect("size") as u64 + 4096)
+        .expect("grow");
+    assert!(matches!(
+        RolloutRing::open(dir.path(), "s", d),
+        Err(OpenError::Segment(SegmentError::WrongSize { .. }))
+    ));
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(dir.path().join("m.ring"));
+    drop(f.expect("create 0644"));
+    assert!(matches!(
+        RolloutRing::open(dir.path(), "m", d),
+        Err(OpenError::Segment(SegmentError::WrongMode { .. }))
+    ));
+    assert!(matches!(
+        RolloutRing::open(dir.path(), "../x", d),
+        Err(OpenError::Segment(SegmentError::InvalidName(_)))
+    ));
+}
+
+#[test]
+fn flipped_byte_is_quarantined_never_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d: Descriptor = common::desc(4);
+    let mut p = RolloutRing::create(dir.path(), "q", d).expect("create");
+    let mut c = RolloutRing::open(dir.path(), "q", d).expect("open");
+    for i in 0..3 {
+        p.try_push(&common::record(i).as_view()).expect("push");
+    }
+    // Flip one byte inside record 1's token data.
+    let off = d.payload_offset(1).expect("offset") + 130;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("q.ring"))
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off).expect("read");
+    f.write_all_at(&[b[0] ^ 0x10], off).expect("write");
+    assert_eq!(c.pop(T).expect("pop 0"), common::record(0));
+    match c.pop(T) {
+        Err(PopError::Corrupt {
+            seq: 1,
+            reason: CorruptReason::Crc { .. },
+        }) => {}
+        other => panic!("expected CRC quarantine, got {other:?}"),
+    }
+    assert_eq!(c.quarantined(), 1);
+    assert_eq!(c.quarantined_total(), 1);
+    assert_eq!(c.pop(T).expect("pop 2"), common::record(2));
+}
