@@ -1,1 +1,37 @@
-//! Decoder, layer plans, sampling, log-probs and loading.
+//! The nested-reft model: one Llama/Qwen2 decoder whose layers can be skipped per call.
+//!
+//! - [`Decoder`] holds the weights; `forward(&self, tokens, &mut ForwardCtx)` runs the layers of
+//!   the context's [`LayerPlan`], so the full-depth learner and every nested behavior model share
+//!   one copy of the weights.
+//! - [`completion_logprobs`] scores completions (batched, padded, differentiable).
+//! - [`generate`] samples G completions per prompt and records the behavior log-probs.
+//! - [`load_model`] reads a GGUF file or a Hugging Face directory.
+
+mod config;
+mod decoder;
+mod error;
+mod generate;
+mod loading;
+mod logprobs;
+mod plan;
+mod sampling;
+mod tokenizer;
+mod weights;
+
+pub use config::{Architecture, HfConfig, ModelConfig};
+pub use decoder::{Decoder, ForwardCtx, Kernels, KvCache};
+pub use error::{ModelError, Result};
+pub use generate::{
+    generate, Completion, FinishReason, GenerationConfig, GenerationOutput, GenerationTimings,
+};
+pub use loading::{
+    load_gguf, load_hf_dir, load_model, save_pretrained, unpermute_qk, LoadOptions, LoadedModel,
+};
+pub use logprobs::{completion_logprobs, CompletionLogProbs, ScoreRequest};
+pub use plan::{LayerPlan, PlanSampler, PlanSpec, PlanStrategy, SkipRatio};
+pub use sampling::{stream_seed, Sampler, Sampling};
+pub use tokenizer::{ChatMessage, Tokenizer};
+pub use weights::Weights;
+
+/// Re-exported so that users of this crate name the same candle types.
+pub use candle_core;

@@ -1,0 +1,249 @@
+//! Model configuration: the serde "file" form (Hugging Face `config.json`) and the validated
+//! typed form every other part of the crate uses.
+
+use crate::error::{ModelError, Result};
+use serde::{Deserialize, Serialize};
+
+/// Decoder family. Both share one implementation; they differ in biases and head tying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama (and SmolLM2): no attention biases, optionally tied embeddings.
+    Llama,
+    /// Qwen2 / Qwen2.5: biases on q, k, v projections, usually an untied `lm_head`.
+    Qwen2,
+}
+
+impl Architecture {
+    /// Parses the names used by `config.json` (`model_type`, `architectures`) and GGUF
+    /// (`general.architecture`).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "llama" | "llamaforcausallm" | "mistral" | "mistralforcausallm" => Ok(Self::Llama),
+            "qwen2" | "qwen2forcausallm" => Ok(Self::Qwen2),
+            other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    /// Whether q, k and v projections carry a bias.
+    pub fn qkv_bias(self) -> bool {
+        matches!(self, Self::Qwen2)
+    }
+}
+
+/// A validated decoder configuration. Build it with [`ModelConfig::validate`] or from a
+/// [`HfConfig`]; every field is then known to be consistent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Decoder family.
+    pub architecture: Architecture,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP inner width.
+    pub intermediate_size: usize,
+    /// Number of decoder layers, L.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA); divides `num_heads`.
+    pub num_kv_heads: usize,
+    /// Per-head width; `hidden_size / num_heads` for every supported checkpoint.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base θ.
+    pub rope_theta: f64,
+    /// Context window.
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` is the embedding matrix.
+    pub tie_word_embeddings: bool,
+}
+
+impl ModelConfig {
+    /// Checks every invariant the decoder relies on.
+    pub fn validate(self) -> Result<Self> {
+        let bad = |m: String| Err(ModelError::InvalidConfig(m));
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
+            return bad("vocab_size, hidden_size and intermediate_size must be positive".into());
+        }
+        if self.num_layers == 0 {
+            return bad("num_layers must be positive".into());
+        }
+        if self.num_layers > u16::MAX as usize {
+            return bad(format!("num_layers {} is too large", self.num_layers));
+        }
+        if self.num_heads == 0 || self.num_kv_heads == 0 {
+            return bad("num_heads and num_kv_heads must be positive".into());
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return bad(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim
+            ));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return bad(format!(
+                "rms_norm_eps {} must be positive",
+                self.rms_norm_eps
+            ));
+        }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return bad(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings must be positive".into());
+        }
+        Ok(self)
+    }
+
+    /// Query heads per key/value head.
+    pub fn group_size(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+
+    /// Number of parameters (tied embeddings counted once).
+    pub fn num_parameters(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let q = h * self.num_heads * self.head_dim;
+        let kv = 2 * h * self.num_kv_heads * self.head_dim;
+        let bias = if self.architecture.qkv_bias() {
+            (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        } else {
+            0
+        };
+        let attn = q + kv + bias + self.num_heads * self.head_dim * h;
+        let layer = attn + 3 * h * i + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_layers * layer + h + head
+    }
+
+    /// A tiny random-weight configuration for tests and examples.
+    pub fn tiny(architecture: Architecture, vocab_size: usize, num_layers: usize) -> Self {
+        Self {
+            architecture,
+            vocab_size,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 4,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: matches!(architecture, Architecture::Llama),
+        }
+    }
+}
+
+/// The subset of a Hugging Face `config.json` the decoder reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    /// `model_type`, e.g. `llama` or `qwen2`.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// `architectures`, e.g. `["LlamaForCausalLM"]`.
+    #[serde(default)]
+    pub architectures: Option<Vec<String>>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// KV heads (defaults to `num_attention_heads`).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width (defaults to `hidden_size / num_attention_heads`).
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Any RoPE scaling; only `null` is supported.
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Context window.
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    /// Tied embeddings.
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    /// Activation; only SiLU is supported.
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_ctx() -> usize {
+    4096
+}
+
+impl HfConfig {
+    /// Validates the file form into a [`ModelConfig`].
+    pub fn into_config(self) -> Result<ModelConfig> {
+        let name = self
+            .model_type
+            .clone()
+            .or_else(|| self.architectures.as_ref().and_then(|a| a.first().cloned()))
+            .ok_or_else(|| {
+                ModelError::InvalidConfig("config has neither model_type nor architectures".into())
+            })?;
+        let architecture = Architecture::parse(&name)?;
+        if let Some(scaling) = &self.rope_scaling {
+            if !scaling.is_null() {
+                return Err(ModelError::InvalidConfig(format!(
+                    "rope_scaling {scaling} is not supported"
+                )));
+            }
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(ModelError::InvalidConfig(format!(
+                    "hidden_act `{act}` is not supported (only silu)"
+                )));
+            }
+        }
+        if self.num_attention_heads == 0 {
+            return Err(ModelError::InvalidConfig("num_attention_heads is 0".into()));
+        }
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads);
+        ModelConfig {
+            architecture,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta,
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+        }
+        .validate()
+    }
+}

@@ -1,0 +1,663 @@
+//! The decoder: one implementation of the Llama and Qwen2 families whose layers can be skipped
+//! per call. `forward(&self, …)` never mutates the model; the KV cache, the positions and the
+//! [`LayerPlan`] travel in a [`ForwardCtx`], so one set of weights serves the full-depth learner
+//! and every nested behavior plan.
+//!
+//! Struct and field names follow the checkpoint (`model.layers.N.self_attn.q_proj`).
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::plan::LayerPlan;
+use crate::weights::Weights;
+use candle_core::{DType, Device, Tensor, Var, D};
+
+/// Which kernels the forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// candle's fused rms_norm / softmax / rope: fastest, but they have no backward pass.
+    /// The rollout path uses these.
+    #[default]
+    Fused,
+    /// Compositions of differentiable ops (checked against finite differences); the learner
+    /// uses these so that a backward pass reaches every parameter.
+    Differentiable,
+}
+
+/// The key/value cache of one sequence batch: one preallocated buffer per layer in the plan.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// An empty cache that can hold `capacity` positions.
+    pub fn new(num_layers: usize, capacity: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Positions stored so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps only the given batch rows (in that order), e.g. to drop finished sequences or to
+    /// repeat a prefilled prompt for several samples.
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Per-call state of a forward pass: the plan, the kernels, an optional KV cache and optional
+/// left padding (for batched generation of prompts of different lengths).
+#[derive(Debug)]
+pub struct ForwardCtx {
+    plan: LayerPlan,
+    kernels: Kernels,
+    cache: Option<KvCache>,
+    left_pad: Option<Vec<usize>>,
+    layers_run: usize,
+}
+
+impl ForwardCtx {
+    /// A context without cache that runs `plan` with fused kernels.
+    pub fn new(plan: LayerPlan) -> Self {
+        Self {
+            plan,
+            kernels: Kernels::Fused,
+            cache: None,
+            left_pad: None,
+            layers_run: 0,
+        }
+    }
+
+    /// Adds a KV cache able to hold `capacity` positions.
+    pub fn with_cache(mut self, capacity: usize) -> Self {
+        self.cache = Some(KvCache::new(self.plan.num_layers(), capacity));
+        self
+    }
+
+    /// Chooses the kernels.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// Declares `pads[row]` padding tokens at the start of each row: they are masked out as
+    /// keys and positions are counted from the first real token.
+    pub fn with_left_padding(mut self, pads: Vec<usize>) -> Self {
+        self.left_pad = if pads.iter().any(|&p| p > 0) {
+            Some(pads)
+        } else {
+            None
+        };
+        self
+    }
+
+    /// The plan this context runs.
+    pub fn plan(&self) -> &LayerPlan {
+        &self.plan
+    }
+
+    /// Positions already in the cache (0 without a cache).
+    pub fn seq_len(&self) -> usize {
+        self.cache.as_ref().map_or(0, KvCache::len)
+    }
+
+    /// How many decoder-layer forwards this context has run (summed over calls).
+    pub fn layers_run(&self) -> usize {
+        self.layers_run
+    }
+
+    /// Keeps only the given batch rows of the cache and padding.
+    pub fn select_rows(&mut self, rows: &[usize], device: &Device) -> Result<()> {
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), device)?;
+        if let Some(cache) = &mut self.cache {
+            cache.select_rows(&idx)?;
+        }
+        if let Some(pads) = &self.left_pad {
+            let pads: Vec<usize> = rows.iter().map(|&r| pads[r]).collect();
+            self.left_pad = Some(pads).filter(|p| p.iter().any(|&x| x > 0));
+        }
+        Ok(())
+    }
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, kernels: Kernels) -> Result<Tensor> {
+    Ok(match kernels {
+        Kernels::Fused => candle_nn::ops::rms_norm(x, w, eps as f32)?,
+        Kernels::Differentiable => candle_nn::ops::rms_norm_slow(x, w, eps as f32)?,
+    })
+}
+
+/// Non-interleaved ("rotate half") RoPE.
+///
+/// # Shapes
+/// `x`: (b, heads, s, hd); `cos`, `sin`: (s, hd/2) or (b, s, hd/2).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    Ok(match kernels {
+        Kernels::Fused => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?,
+        Kernels::Differentiable => {
+            let (cos, sin) = (
+                Tensor::cat(&[cos, cos], D::Minus1)?,
+                Tensor::cat(&[sin, sin], D::Minus1)?,
+            );
+            // (s, hd) -> (1, 1, s, hd); (b, s, hd) -> (b, 1, s, hd)
+            let (cos, sin) = if cos.rank() == 2 {
+                (
+                    cos.unsqueeze(0)?.unsqueeze(0)?,
+                    sin.unsqueeze(0)?.unsqueeze(0)?,
+                )
+            } else {
+                (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
+            };
+            let half = x.dim(D::Minus1)? / 2;
+            let x1 = x.narrow(D::Minus1, 0, half)?;
+            let x2 = x.narrow(D::Minus1, half, half)?;
+            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?
+        }
+    })
+}
+
+fn softmax(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    Ok(match kernels {
+        Kernels::Fused => candle_nn::ops::softmax_last_dim(x)?,
+        Kernels::Differentiable => candle_nn::ops::softmax(x, D::Minus1)?,
+    })
+}
+
+/// `x @ w^T (+ b)` for x of any rank ≥ 2.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.broadcast_matmul(&w.t()?)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+#[derive(Debug)]
+struct SelfAttn {
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Tensor,
+    o_proj: Tensor,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_layernorm: Tensor,
+    self_attn: SelfAttn,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// Per-call inputs shared by every layer of one forward pass.
+struct Step<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    /// Additive mask, (b or 1, 1, 1, s, L), or none when every key is visible.
+    mask: Option<&'a Tensor>,
+    offset: usize,
+    kernels: Kernels,
+}
+
+/// The decoder. Weights are never copied to build a nested model: a plan only selects layers.
+#[derive(Debug)]
+pub struct Decoder {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    vars: Vec<(String, Var)>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Decoder {
+    /// Builds the decoder from named weights (Hugging Face names). With `trainable`, every
+    /// parameter becomes a [`Var`] (see [`Decoder::vars`]) that an optimiser can update in place.
+    pub fn new(cfg: &ModelConfig, weights: &Weights, trainable: bool) -> Result<Self> {
+        let cfg = cfg.clone().validate()?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv, inter) = (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
+        let mut vars = Vec::new();
+        let mut get = |name: String, shape: &[usize]| -> Result<Tensor> {
+            let t = weights.get(&name, shape)?;
+            if trainable {
+                let var = Var::from_tensor(&t)?;
+                let t = var.as_tensor().clone();
+                vars.push((name, var));
+                Ok(t)
+            } else {
+                Ok(t)
+            }
+        };
+        let embed_tokens = get("model.embed_tokens.weight".into(), &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let bias = cfg.architecture.qkv_bias();
+            let mut opt_bias = |name: &str, n: usize| -> Result<Option<Tensor>> {
+                if bias {
+                    Ok(Some(get(format!("{p}.self_attn.{name}.bias"), &[n])?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let q_bias = opt_bias("q_proj", nh * hd)?;
+            let k_bias = opt_bias("k_proj", nkv * hd)?;
+            let v_bias = opt_bias("v_proj", nkv * hd)?;
+            let self_attn = SelfAttn {
+                q_proj: get(format!("{p}.self_attn.q_proj.weight"), &[nh * hd, h])?,
+                k_proj: get(format!("{p}.self_attn.k_proj.weight"), &[nkv * hd, h])?,
+                v_proj: get(format!("{p}.self_attn.v_proj.weight"), &[nkv * hd, h])?,
+                o_proj: get(format!("{p}.self_attn.o_proj.weight"), &[h, nh * hd])?,
+                q_bias,
+                k_bias,
+                v_bias,
+            };
+            layers.push(Layer {
+                input_layernorm: get(format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn,
+                post_attention_layernorm: get(
+                    format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
+                mlp: Mlp {
+                    gate_proj: get(format!("{p}.mlp.gate_proj.weight"), &[inter, h])?,
+                    up_proj: get(format!("{p}.mlp.up_proj.weight"), &[inter, h])?,
+                    down_proj: get(format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
+                },
+            });
+        }
+        let norm = get("model.norm.weight".into(), &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(get("lm_head.weight".into(), &[cfg.vocab_size, h])?)
+        };
+        let device = embed_tokens.device().clone();
+        let dtype = embed_tokens.dtype();
+        let (rope_cos, rope_sin) = rope_tables(&cfg, dtype, &device)?;
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope_cos,
+            rope_sin,
+            vars,
+            device,
+            dtype,
+        })
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The trainable parameters in canonical order (empty unless built with `trainable`).
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Every parameter in canonical order: the flat layout the weight store shares.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let a = &layer.self_attn;
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.clone(),
+            ));
+            for (name, w, b) in [
+                ("q_proj", &a.q_proj, &a.q_bias),
+                ("k_proj", &a.k_proj, &a.k_bias),
+                ("v_proj", &a.v_proj, &a.v_bias),
+            ] {
+                out.push((format!("{p}.self_attn.{name}.weight"), w.clone()));
+                if let Some(b) = b {
+                    out.push((format!("{p}.self_attn.{name}.bias"), b.clone()));
+                }
+            }
+            out.push((format!("{p}.self_attn.o_proj.weight"), a.o_proj.clone()));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.clone(),
+            ));
+            out.push((
+                format!("{p}.mlp.gate_proj.weight"),
+                layer.mlp.gate_proj.clone(),
+            ));
+            out.push((format!("{p}.mlp.up_proj.weight"), layer.mlp.up_proj.clone()));
+            out.push((
+                format!("{p}.mlp.down_proj.weight"),
+                layer.mlp.down_proj.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.clone()));
+        }
+        out
+    }
+
+    /// Checks every id is inside the vocabulary.
+    pub fn check_tokens(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            Some(&id) => Err(ModelError::TokenOutOfVocab {
+                id,
+                vocab_size: self.cfg.vocab_size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    /// `tokens`: (b, s) u32 → (b, s, vocab).
+    pub fn forward(&self, tokens: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let hidden = self.forward_hidden(tokens, ctx)?;
+        self.project(&hidden)
+    }
+
+    /// Applies the output head to final hidden states.
+    ///
+    /// # Shapes
+    /// `hidden`: (…, hidden) → (…, vocab).
+    pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(
+            hidden,
+            self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            None,
+        )
+    }
+
+    /// Final (normed) hidden states for every position, running only the plan's layers.
+    ///
+    /// # Shapes
+    /// `tokens`: (b, s) u32 → (b, s, hidden).
+    pub fn forward_hidden(&self, tokens: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        ctx.plan.check_for(self.cfg.num_layers)?;
+        let (b, s) = tokens.dims2()?;
+        if s == 0 || b == 0 {
+            return Err(ModelError::InvalidInput("empty token batch".into()));
+        }
+        let ids = tokens.flatten_all()?.to_vec1::<u32>()?;
+        self.check_tokens(&ids)?;
+        let offset = ctx.seq_len();
+        let total = offset + s;
+        if total > self.cfg.max_position_embeddings {
+            return Err(ModelError::ContextOverflow {
+                len: total,
+                max: self.cfg.max_position_embeddings,
+            });
+        }
+        if let Some(cache) = &ctx.cache {
+            if total > cache.capacity {
+                return Err(ModelError::ContextOverflow {
+                    len: total,
+                    max: cache.capacity,
+                });
+            }
+        }
+        if let Some(pads) = &ctx.left_pad {
+            if pads.len() != b {
+                return Err(ModelError::InvalidInput(format!(
+                    "{} padding entries for a batch of {b}",
+                    pads.len()
+                )));
+            }
+        }
+        let (cos, sin) = self.rope_for(ctx, b, s, offset)?;
+        let mask = self.mask_for(ctx, b, s, offset)?;
+        let step = Step {
+            cos: &cos,
+            sin: &sin,
+            mask: mask.as_ref(),
+            offset,
+            kernels: ctx.kernels,
+        };
+
+        let mut x = self
+            .embed_tokens
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, s, self.cfg.hidden_size))?;
+        let plan = ctx.plan.layers().to_vec();
+        for &l in &plan {
+            let kv = match &mut ctx.cache {
+                Some(cache) => Some(self.layer_cache(cache, l, b)?),
+                None => None,
+            };
+            x = self.layer_forward(&self.layers[l], &x, &step, kv)?;
+            if ctx.kernels == Kernels::Fused {
+                // The rollout path never back-propagates: cut the graph at layer boundaries.
+                x = x.detach();
+            }
+            ctx.layers_run += 1;
+        }
+        if let Some(cache) = &mut ctx.cache {
+            cache.len = total;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, ctx.kernels)
+    }
+
+    fn layer_cache<'c>(
+        &self,
+        cache: &'c mut KvCache,
+        l: usize,
+        b: usize,
+    ) -> Result<&'c (Tensor, Tensor)> {
+        if cache.layers[l].is_none() {
+            if cache.len > 0 {
+                return Err(ModelError::InvalidPlan(format!(
+                    "layer {l} has no cached keys: the plan changed in the middle of a sequence"
+                )));
+            }
+            let shape = (b, self.cfg.num_kv_heads, cache.capacity, self.cfg.head_dim);
+            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
+            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
+            cache.layers[l] = Some((k, v));
+        }
+        cache.layers[l]
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidInput("cache layer missing".into()))
+    }
+
+    fn rope_for(
+        &self,
+        ctx: &ForwardCtx,
+        b: usize,
+        s: usize,
+        offset: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        match &ctx.left_pad {
+            None => Ok((
+                self.rope_cos.narrow(0, offset, s)?,
+                self.rope_sin.narrow(0, offset, s)?,
+            )),
+            Some(pads) => {
+                let mut pos = Vec::with_capacity(b * s);
+                for &pad in pads {
+                    pos.extend((0..s).map(|i| (offset + i).saturating_sub(pad) as u32));
+                }
+                let pos = Tensor::from_vec(pos, b * s, &self.device)?;
+                let half = self.cfg.head_dim / 2;
+                let cos = self.rope_cos.index_select(&pos, 0)?.reshape((b, s, half))?;
+                let sin = self.rope_sin.index_select(&pos, 0)?.reshape((b, s, half))?;
+                Ok((cos, sin))
+            }
+        }
+    }
+
+    /// The additive attention mask: causal, and left-padding keys hidden (a padding query still
+    /// sees itself so that no softmax row is empty).
+    fn mask_for(
+        &self,
+        ctx: &ForwardCtx,
+        b: usize,
+        s: usize,
+        offset: usize,
+    ) -> Result<Option<Tensor>> {
+        let total = offset + s;
+        let pads = ctx.left_pad.as_deref();
+        if s == 1 && pads.is_none() {
+            return Ok(None);
+        }
+        let rows = if pads.is_some() { b } else { 1 };
+        let mut m = vec![0f32; rows * s * total];
+        for r in 0..rows {
+            let pad = pads.map_or(0, |p| p[r]);
+            for i in 0..s {
+                let q = offset + i;
+                let row = &mut m[(r * s + i) * total..(r * s + i + 1) * total];
+                for (j, v) in row.iter_mut().enumerate() {
+                    if j > q || (j < pad && j != q) {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mask =
+            Tensor::from_vec(m, (rows, 1, 1, s, total), &self.device)?.to_dtype(self.dtype)?;
+        Ok(Some(mask))
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        step: &Step,
+        kv: Option<&(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let h = rms_norm(x, &layer.input_layernorm, eps, step.kernels)?;
+        let h = self.attention(&layer.self_attn, &h, step, kv)?;
+        let x = (x + h)?;
+        let h = rms_norm(&x, &layer.post_attention_layernorm, eps, step.kernels)?;
+        let m = &layer.mlp;
+        let gate = linear(&h, &m.gate_proj, None)?.silu()?;
+        let up = linear(&h, &m.up_proj, None)?;
+        let h = linear(&(gate * up)?, &m.down_proj, None)?;
+        Ok((x + h)?)
+    }
+
+    /// Grouped-query attention without materialising repeated keys: the query heads that share
+    /// a key/value head are folded into the query-length axis.
+    ///
+    /// # Shapes
+    /// `x`: (b, s, hidden) → (b, s, hidden).
+    fn attention(
+        &self,
+        a: &SelfAttn,
+        x: &Tensor,
+        step: &Step,
+        kv: Option<&(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let rep = nh / nkv;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(linear(x, &a.q_proj, a.q_bias.as_ref())?, nh)?;
+        let k = heads(linear(x, &a.k_proj, a.k_bias.as_ref())?, nkv)?;
+        let v = heads(linear(x, &a.v_proj, a.v_bias.as_ref())?, nkv)?;
+        let q = rope(&q, step.cos, step.sin, step.kernels)?;
+        let k = rope(&k, step.cos, step.sin, step.kernels)?.contiguous()?;
+        let (k, v) = match kv {
+            Some((kbuf, vbuf)) => {
+                kbuf.slice_set(&k, 2, step.offset)?;
+                vbuf.slice_set(&v, 2, step.offset)?;
+                let len = step.offset + s;
+                (kbuf.narrow(2, 0, len)?, vbuf.narrow(2, 0, len)?)
+            }
+            None => (k, v),
+        };
+        let len = k.dim(2)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = (q * scale)?.reshape((b, nkv, rep * s, hd))?;
+        let att = q.matmul(&k.t()?)?;
+        let att = match step.mask {
+            Some(mask) => att
+                .reshape((b, nkv, rep, s, len))?
+                .broadcast_add(mask)?
+                .reshape((b, nkv, rep * s, len))?,
+            None => att,
+        };
+        let att = softmax(&att, step.kernels)?;
+        let y = att.matmul(&v)?; // (b, nkv, rep*s, hd)
+        let y = y
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        linear(&y, &a.o_proj, None)
+    }
+}
+
+/// cos/sin tables for every position, (max_pos, hd/2), computed in f64 then cast.
+fn rope_tables(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let n = cfg.max_position_embeddings;
+    let inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
+        .collect();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}

@@ -1,0 +1,40 @@
+//! Shared fixtures: the real SmolLM2-135M-Instruct weights, loaded once per test binary.
+#![allow(dead_code)]
+
+use model::{load_model, LoadOptions, LoadedModel};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// The asset directory: `$NESTED_REFT_ASSETS`, else `<repository>/.assets`.
+pub fn assets_dir() -> PathBuf {
+    std::env::var_os("NESTED_REFT_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.assets")))
+}
+
+/// Path of the default GGUF; fails with instructions when it has not been fetched.
+pub fn smollm_path() -> PathBuf {
+    let p = assets_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "the default model is missing at {}: run `tools/fetch-assets.sh model` first",
+        p.display()
+    );
+    p
+}
+
+/// SmolLM2 loaded once (f32, CPU, not trainable).
+pub fn smollm() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| load_model(&smollm_path(), &LoadOptions::default()).expect("load SmolLM2"))
+}
+
+/// Max |a - b| over two equally shaped f32 tensors.
+pub fn max_abs_diff(a: &model::candle_core::Tensor, b: &model::candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("diff")
+}

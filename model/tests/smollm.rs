@@ -1,0 +1,461 @@
+//! Acceptance tests on the real SmolLM2-135M-Instruct weights.
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{max_abs_diff, smollm, smollm_path};
+use model::candle_core;
+use model::*;
+
+fn prompt_ids() -> Vec<u32> {
+    let m = smollm();
+    let text = m
+        .tokenizer
+        .apply_chat_template(
+            &[ChatMessage::new(
+                "user",
+                "What is 17 * 23? Think step by step.",
+            )],
+            true,
+        )
+        .unwrap();
+    m.tokenizer.encode(&text, false).unwrap()
+}
+
+fn full(m: &LoadedModel) -> LayerPlan {
+    LayerPlan::full(m.decoder.config().num_layers)
+}
+
+#[test]
+fn config_matches_smollm2() {
+    let c = smollm().decoder.config();
+    assert_eq!(
+        (
+            c.num_layers,
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.vocab_size
+        ),
+        (30, 576, 9, 3, 49152)
+    );
+    assert!(c.tie_word_embeddings);
+    assert_eq!(c.num_parameters(), 134_515_008);
+}
+
+#[test]
+fn full_plan_logits_match_candle_transformers_llama() {
+    use candle_transformers::models::llama as reference;
+    let m = smollm();
+    let (cfg, weights, _) = load_gguf(&smollm_path(), &LoadOptions::default()).unwrap();
+    let ref_cfg = reference::LlamaConfig {
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        vocab_size: cfg.vocab_size,
+        num_hidden_layers: cfg.num_layers,
+        num_attention_heads: cfg.num_heads,
+        num_key_value_heads: Some(cfg.num_kv_heads),
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope_theta: cfg.rope_theta as f32,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: None,
+        max_position_embeddings: cfg.max_position_embeddings,
+        tie_word_embeddings: Some(true),
+    }
+    .into_config(false);
+    let vb = candle_nn::VarBuilder::from_tensors(weights.into_inner(), DType::F32, &Device::Cpu);
+    let reference = reference::Llama::load(vb, &ref_cfg).unwrap();
+    let mut cache = reference::Cache::new(false, DType::F32, &ref_cfg, &Device::Cpu).unwrap();
+    let ids = prompt_ids();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let expected = reference.forward(&x, 0, &mut cache).unwrap(); // (1, vocab), last position
+    let mut ctx = ForwardCtx::new(full(m));
+    let ours = m.decoder.forward(&x, &mut ctx).unwrap();
+    let ours = ours.i((.., ids.len() - 1, ..)).unwrap();
+    let d = max_abs_diff(&ours, &expected);
+    let scale = expected
+        .abs()
+        .unwrap()
+        .max_keepdim(1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()[0][0];
+    assert!(
+        scale > 5.0,
+        "logits of order 20 expected, max |logit| = {scale}"
+    );
+    eprintln!("parity: max |Δ logits| = {d:e}, max |logit| = {scale}");
+    assert!(d <= 1e-3, "max |Δ logits| = {d}");
+}
+
+#[test]
+fn greedy_with_cache_equals_recompute() {
+    let m = smollm();
+    let ids = prompt_ids();
+    let cfg = GenerationConfig {
+        sampling: Sampling::Greedy,
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let out = generate(&m.decoder, &[ids.clone()], &full(m), &cfg, None).unwrap();
+    let cached = &out.completions[0].tokens;
+    let mut seq = ids.clone();
+    for _ in 0..12 {
+        let x = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = m
+            .decoder
+            .forward(&x, &mut ForwardCtx::new(full(m)))
+            .unwrap();
+        let next = logits
+            .i((0, seq.len() - 1))
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
+        seq.push(next);
+    }
+    assert_eq!(cached.as_slice(), &seq[ids.len()..]);
+}
+
+#[test]
+fn recorded_logprobs_equal_recomputed_and_padding_does_not_change_them() {
+    let m = smollm();
+    let tok = &m.tokenizer;
+    let long = prompt_ids();
+    let short = tok.encode("The capital of France is", false).unwrap();
+    let mut rng = 0;
+    for plan in [
+        full(m),
+        LayerPlan::skipping(&[3, 8, 12, 20, 25], 30).unwrap(),
+    ] {
+        rng += 1;
+        let cfg = GenerationConfig {
+            sampling: Sampling::temperature(0.8),
+            max_new_tokens: 10,
+            group_size: 2,
+            seed: rng,
+            eos_token_ids: tok.eos_token_ids().to_vec(),
+            stop_strings: vec![],
+        };
+        // Two prompts of different lengths: the short one is left-padded in generation.
+        let prompts = vec![long.clone(), short.clone()];
+        let out = generate(&m.decoder, &prompts, &plan, &cfg, None).unwrap();
+        assert_eq!(out.completions.len(), 4);
+        let reqs: Vec<ScoreRequest> = out
+            .completions
+            .iter()
+            .map(|c| ScoreRequest {
+                prompt: &prompts[c.prompt_index],
+                completion: &c.tokens,
+            })
+            .collect();
+        let batched = completion_logprobs(&m.decoder, &reqs, &plan, 0.8, Kernels::Fused).unwrap();
+        let batched = batched.to_vecs().unwrap();
+        for (c, lp) in out.completions.iter().zip(&batched) {
+            for (a, b) in c.logprobs.iter().zip(lp) {
+                assert!((a - b).abs() <= 2e-4, "recorded {a} vs batched {b}");
+            }
+            // Alone (no padding at all) gives the same numbers.
+            let alone = completion_logprobs(
+                &m.decoder,
+                &[ScoreRequest {
+                    prompt: &prompts[c.prompt_index],
+                    completion: &c.tokens,
+                }],
+                &plan,
+                0.8,
+                Kernels::Differentiable,
+            )
+            .unwrap()
+            .to_vecs()
+            .unwrap();
+            for (a, b) in alone[0].iter().zip(lp) {
+                assert!((a - b).abs() <= 2e-4, "alone {a} vs padded {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn nested_plan_runs_fewer_layers_and_changes_logits() {
+    let m = smollm();
+    let ids = prompt_ids();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut ctx_full = ForwardCtx::new(full(m));
+    let full_logits = m.decoder.forward(&x, &mut ctx_full).unwrap();
+    assert_eq!(ctx_full.layers_run(), 30);
+    let mut sampler = PlanSampler::new(
+        PlanSpec::Nested {
+            ratio: SkipRatio::Fixed(0.25),
+            strategy: PlanStrategy::Random,
+        },
+        30,
+        3,
+    )
+    .unwrap();
+    let plan = sampler.next_plan().unwrap();
+    assert_eq!(plan.len(), 30 - 8);
+    let mut ctx = ForwardCtx::new(plan);
+    let nested = m.decoder.forward(&x, &mut ctx).unwrap();
+    assert_eq!(ctx.layers_run(), 22);
+    assert!(max_abs_diff(&nested, &full_logits) > 0.1);
+
+    // Skip ratio 0 is the full plan, bit for bit.
+    let mut zero = PlanSampler::new(
+        PlanSpec::Nested {
+            ratio: SkipRatio::Fixed(0.0),
+            strategy: PlanStrategy::Contiguous,
+        },
+        30,
+        9,
+    )
+    .unwrap();
+    let mut ctx0 = ForwardCtx::new(zero.next_plan().unwrap());
+    let zero_logits = m.decoder.forward(&x, &mut ctx0).unwrap();
+    assert_eq!(max_abs_diff(&zero_logits, &full_logits), 0.0);
+}
+
+#[test]
+fn tokenizer_round_trips_and_splits_digits() {
+    let tok = &smollm().tokenizer;
+    let text = "Größe 12345 × 3.5 = ₿ 🎉\n  tabs\tand 日本語, x^2 + 1/3";
+    let ids = tok.encode(text, false).unwrap();
+    assert_eq!(tok.decode(&ids, false).unwrap(), text);
+    let digits = tok.encode("12345", false).unwrap();
+    assert_eq!(digits.len(), 5, "digits are split one by one: {digits:?}");
+    let chat = tok.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
+    assert_eq!(chat[0], 1);
+    assert_eq!(*chat.last().unwrap(), 2);
+    assert!(tok.eos_token_ids().contains(&2));
+}
+
+#[test]
+fn chat_template_renders_chatml() {
+    let tok = &smollm().tokenizer;
+    let text = tok
+        .apply_chat_template(&[ChatMessage::new("user", "Hi there")], true)
+        .unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let with_system = tok
+        .apply_chat_template(
+            &[
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "Hi"),
+            ],
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        with_system,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    );
+}
+
+#[test]
+fn every_parameter_gets_a_finite_nonzero_gradient() {
+    let m = load_model(
+        &smollm_path(),
+        &LoadOptions {
+            trainable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let prompt = m.tokenizer.encode("Question: 2 + 3 =", false).unwrap();
+    let completion = m.tokenizer.encode(" 5. The answer is 5", false).unwrap();
+    let lp = completion_logprobs(
+        &m.decoder,
+        &[ScoreRequest {
+            prompt: &prompt,
+            completion: &completion,
+        }],
+        &full(&m),
+        1.0,
+        Kernels::Differentiable,
+    )
+    .unwrap();
+    let loss = lp.values.sum_all().unwrap().neg().unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = m.decoder.vars();
+    assert_eq!(vars.len(), m.decoder.named_parameters().len());
+    assert_eq!(vars.len(), 1 + 30 * 9 + 1);
+    for (name, var) in vars {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        assert!(norm.is_finite() && norm > 0.0, "{name}: |grad| = {norm}");
+    }
+}
+
+#[test]
+fn hf_directory_round_trip_gives_identical_logits() {
+    let m = smollm();
+    let dir = tempfile::tempdir().unwrap();
+    save_pretrained(&m.decoder, &m.tokenizer, dir.path()).unwrap();
+    let back = load_model(dir.path(), &LoadOptions::default()).unwrap();
+    assert_eq!(back.decoder.config(), m.decoder.config());
+    let text = "Round trip: 42 apples.";
+    let ids = back.tokenizer.encode(text, false).unwrap();
+    assert_eq!(ids, m.tokenizer.encode(text, false).unwrap());
+    assert_eq!(back.tokenizer.chat_template(), m.tokenizer.chat_template());
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let a = m
+        .decoder
+        .forward(&x, &mut ForwardCtx::new(full(m)))
+        .unwrap();
+    let b = back
+        .decoder
+        .forward(&x, &mut ForwardCtx::new(full(m)))
+        .unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let m = smollm();
+    let plan = full(m);
+    // Token id outside the vocabulary.
+    let err = generate(
+        &m.decoder,
+        &[vec![1, 60_000]],
+        &plan,
+        &GenerationConfig::default(),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::TokenOutOfVocab {
+                id: 60_000,
+                vocab_size: 49152
+            }
+        ),
+        "{err}"
+    );
+    // Prompt longer than the context.
+    let long = vec![5u32; 8190];
+    let cfg = GenerationConfig {
+        max_new_tokens: 10,
+        ..Default::default()
+    };
+    let err = generate(&m.decoder, &[long], &plan, &cfg, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::ContextOverflow {
+                len: 8200,
+                max: 8192
+            }
+        ),
+        "{err}"
+    );
+    // A plan for another depth.
+    let err = generate(&m.decoder, &[vec![1]], &LayerPlan::full(12), &cfg, None).unwrap_err();
+    assert!(matches!(err, ModelError::InvalidPlan(_)), "{err}");
+    // Missing file.
+    let err = load_model(
+        std::path::Path::new("/nonexistent/model.gguf"),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ModelError::Io { .. }), "{err}");
+    // Not a GGUF file.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a gguf at all").unwrap();
+    let err = load_model(&junk, &LoadOptions::default()).unwrap_err();
+    assert!(matches!(err, ModelError::Malformed { .. }), "{err}");
+}
+
+#[test]
+fn hf_directory_errors_name_the_problem() {
+    let m = smollm();
+    let dir = tempfile::tempdir().unwrap();
+    save_pretrained(&m.decoder, &m.tokenizer, dir.path()).unwrap();
+    let cfg_path = dir.path().join("config.json");
+    let original = std::fs::read_to_string(&cfg_path).unwrap();
+
+    // Unsupported architecture.
+    std::fs::write(&cfg_path, original.replace("\"llama\"", "\"gpt_neox\"")).unwrap();
+    let err = load_model(dir.path(), &LoadOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, ModelError::UnsupportedArchitecture(ref a) if a == "gpt_neox"),
+        "{err}"
+    );
+
+    // Shape mismatch: the config claims a wider MLP than the weights have.
+    std::fs::write(
+        &cfg_path,
+        original.replace("\"intermediate_size\": 1536", "\"intermediate_size\": 2048"),
+    )
+    .unwrap();
+    let err = load_model(dir.path(), &LoadOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, ModelError::ShapeMismatch { ref expected, ref found, .. } if expected == &[2048, 576] && found == &[1536, 576]),
+        "{err}"
+    );
+
+    // Missing tokenizer.
+    std::fs::write(&cfg_path, &original).unwrap();
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let err = load_model(dir.path(), &LoadOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, ModelError::Io { ref path, .. } if path.ends_with("tokenizer.json")),
+        "{err}"
+    );
+}
+
+#[test]
+fn greedy_answer_is_coherent() {
+    // A wrong Q/K un-permutation or RoPE layout still matches a reference fed the same weights,
+    // but it does not produce sensible text.
+    let m = smollm();
+    let text = m
+        .tokenizer
+        .apply_chat_template(
+            &[ChatMessage::new("user", "What is the capital of France?")],
+            true,
+        )
+        .unwrap();
+    let ids = m.tokenizer.encode(&text, false).unwrap();
+    let cfg = GenerationConfig {
+        sampling: Sampling::Greedy,
+        max_new_tokens: 16,
+        eos_token_ids: m.tokenizer.eos_token_ids().to_vec(),
+        stop_strings: vec![".".into()],
+        ..Default::default()
+    };
+    let out = generate(&m.decoder, &[ids], &full(m), &cfg, Some(&m.tokenizer)).unwrap();
+    let c = &out.completions[0];
+    let answer = m.tokenizer.decode(&c.tokens, true).unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
+    assert_eq!(c.finish, FinishReason::Stop(".".into()), "{answer:?}");
+    assert!(answer.ends_with('.'), "{answer:?}");
+}
