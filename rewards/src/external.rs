@@ -102,6 +102,8 @@ pub struct ModuleStats {
 enum ReadEvent {
     Line(Vec<u8>),
     TooLong,
+    /// The stream ended in the middle of a line of this many bytes.
+    PartialEof(usize),
     Eof,
     Failed(String),
 }
@@ -310,6 +312,12 @@ impl ExternalReward {
                     self.cfg.max_response_bytes
                 ))
             }
+            Ok(ReadEvent::PartialEof(n)) => {
+                st.stats.exits += 1;
+                RewardError::ModuleExited(format!(
+                    "its stdout closed in the middle of a response ({n} bytes)"
+                ))
+            }
             Ok(ReadEvent::Eof) | Err(false) => {
                 st.stats.exits += 1;
                 RewardError::ModuleExited("its stdout closed".into())
@@ -375,6 +383,7 @@ fn reader_loop(stdout: ChildStdout, events: Sender<ReadEvent>, max: usize) {
         let ev = match (&mut reader).take(limit).read_until(b'\n', &mut buf) {
             Ok(0) => ReadEvent::Eof,
             Ok(_) if buf.last() != Some(&b'\n') && buf.len() > max => ReadEvent::TooLong,
+            Ok(n) if buf.last() != Some(&b'\n') => ReadEvent::PartialEof(n),
             Ok(_) => ReadEvent::Line(buf),
             Err(e) => ReadEvent::Failed(e.to_string()),
         };

@@ -82,7 +82,9 @@ impl WireResult {
                 RewardError::Protocol(format!("score {n} is not representable as f64"))
             })?,
             // Written by `sanitize_non_finite` for NaN / Infinity tokens.
-            Value::String(s) => return Err(RewardError::NonFiniteScore(s)),
+            Value::String(s) if matches!(s.as_str(), "NaN" | "Infinity" | "-Infinity") => {
+                return Err(RewardError::NonFiniteScore(s))
+            }
             Value::Null => {
                 return Err(RewardError::Protocol(
                     "a result has neither `score` nor `error`".into(),

@@ -10,10 +10,15 @@ pub struct Lcg(u64);
 
 impl Lcg {
     pub fn new(seed: u64) -> Self {
-        Lcg(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+        Lcg(seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407))
     }
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     pub fn below(&mut self, n: u64) -> u64 {
@@ -39,7 +44,10 @@ pub fn with_commas(n: &str) -> String {
 
 /// The body of a worked solution without its `#### N` line.
 pub fn reasoning(p: &Problem) -> &str {
-    p.answer.rfind("####").map_or(p.answer.as_str(), |i| &p.answer[..i]).trim_end()
+    p.answer
+        .rfind("####")
+        .map_or(p.answer.as_str(), |i| &p.answer[..i])
+        .trim_end()
 }
 
 /// A wrong answer near `a` (integers and decimals).
@@ -58,21 +66,44 @@ pub fn completions(p: &Problem, rng: &mut Lcg) -> Vec<(String, bool)> {
     let a = p.final_answer().unwrap_or("0");
     let body = reasoning(p);
     let wrong = perturb(a);
+    // Trailing zeros: `12` -> `12.00`, `3.5` -> `3.50`.
+    let padded = if a.contains('.') {
+        format!("{a}0")
+    } else {
+        format!("{a}.00")
+    };
     let templates: [(String, bool); 10] = [
         (p.answer.clone(), true),
         (format!("{body}\nThe answer is {a}."), true),
-        (format!("{body}\nSo the final answer is $\\boxed{{{a}}}$."), true),
-        (format!("{body}\nTherefore, the total is {} dollars.", with_commas(a)), true),
+        (
+            format!("{body}\nSo the final answer is $\\boxed{{{a}}}$."),
+            true,
+        ),
+        (
+            format!(
+                "{body}\nTherefore, the total is {} dollars.",
+                with_commas(a)
+            ),
+            true,
+        ),
         (format!("{body}\n**Answer:** ${}", with_commas(a)), true),
         (format!("{body}\nThe answer is \\boxed{{{wrong}}}."), false),
         (format!("{body}\n#### {wrong}"), false),
-        (format!("{body}\nI think it is {a}, no wait, {wrong}."), false),
-        (format!("Let me think step by step.\n{body}\nThe answer is: {a}.00"), true),
+        (
+            format!("{body}\nI think it is {a}, no wait, {wrong}."),
+            false,
+        ),
+        (
+            format!("Let me think step by step.\n{body}\nThe answer is: {padded}"),
+            true,
+        ),
         ("I cannot solve this problem.".to_string(), false),
     ];
     let k = 4 + rng.below(3) as usize;
     let start = rng.below(templates.len() as u64) as usize;
-    (0..k).map(|i| templates[(start + i) % templates.len()].clone()).collect()
+    (0..k)
+        .map(|i| templates[(start + i) % templates.len()].clone())
+        .collect()
 }
 
 /// Generated arithmetic problems (a fraction or decimal answer) with their completions.

@@ -61,11 +61,18 @@ pub fn modules() -> &'static Modules {
             .expect("profile directory name");
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "reward-rs-process", "-p", "reward-cdylib"])
-            .arg("--manifest-path")
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(target);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "reward-rs-process",
+            "-p",
+            "reward-cdylib",
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target);
         match profile {
             "debug" => {}
             "release" => {
@@ -75,8 +82,13 @@ pub fn modules() -> &'static Modules {
                 cmd.args(["--profile", other]);
             }
         }
-        let status = cmd.status().expect("running cargo to build the example modules");
-        assert!(status.success(), "building the example reward modules failed: {status}");
+        let status = cmd
+            .status()
+            .expect("running cargo to build the example modules");
+        assert!(
+            status.success(),
+            "building the example reward modules failed: {status}"
+        );
         let m = Modules {
             rs_process: profile_dir.join("reward-rs-process"),
             cdylib: profile_dir.join(format!(
