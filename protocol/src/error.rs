@@ -33,6 +33,9 @@ pub enum RecordError {
     /// Size arithmetic overflowed.
     #[error("record size overflows")]
     Overflow,
+    /// The padding after the layer plan is not zero.
+    #[error("non-zero padding after the layer plan")]
+    NonZeroPadding,
     /// The buffer is not 4-byte aligned.
     #[error("record buffer is not 4-byte aligned")]
     Misaligned,

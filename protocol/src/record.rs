@@ -423,6 +423,11 @@ pub fn decode_record<'a>(bytes: &'a [u8], limits: &Limits) -> Result<RecordRef<'
         });
     }
     let l = layout(&h);
+    // The plan's padding must be zero, so that every accepted record has one encoding.
+    let pad_start = l.plan + 2 * h.n_plan as usize;
+    if bytes[pad_start..].iter().any(|&b| b != 0) {
+        return Err(RecordError::NonZeroPadding);
+    }
     // SAFETY: (all four) `len == bytes.len()` proves every array lies inside `bytes`; the base
     // is 4-byte aligned and every offset is a multiple of 4, so the u32/f32/u16 views are
     // aligned; any bit pattern is a valid u32, f32 or u16; the borrow ties them to `bytes`.
