@@ -90,6 +90,12 @@ pub trait Reward: Send + Sync {
     }
 }
 
+impl std::fmt::Debug for dyn Reward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn Reward")
+    }
+}
+
 impl<F> Reward for F
 where
     F: Fn(&Sample) -> Result<Score> + Send + Sync,

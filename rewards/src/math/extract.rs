@@ -54,7 +54,7 @@ pub(crate) fn tail(s: &str, n: usize) -> &str {
 }
 
 static ANSWER_PHRASE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)\banswer\s*(?:is\s*:?|:|=)")
+    Regex::new(r"(?i)(?-u:\b)answer\s*(?:is\s*:?|:|=)")
         .unwrap_or_else(|e| unreachable!("static regex: {e}"))
 });
 
@@ -62,7 +62,7 @@ static ANSWER_PHRASE: LazyLock<Regex> = LazyLock::new(|| {
 /// an exponent, a percent sign.
 static NUMBER: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"[-−]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:/\d+)?(?:[eE][-+]?\d+)?(?:\s*%)?",
+        r"[-−]?(?:(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+)(?:/[0-9]+)?(?:[eE][-+]?[0-9]+)?(?:\s*%)?",
     )
     .unwrap_or_else(|e| unreachable!("static regex: {e}"))
 });

@@ -40,7 +40,6 @@ static ASSIGN: LazyLock<Regex> =
     LazyLock::new(|| re(r"^[a-zA-Z][a-zA-Z0-9_]*\s*(?:=|\\approx)\s*"));
 static FRAC_SHORT: LazyLock<Regex> = LazyLock::new(|| re(r"\\frac\s*(\d)\s*(\d)"));
 static SQRT_SHORT: LazyLock<Regex> = LazyLock::new(|| re(r"\\sqrt\s*(\d)"));
-static THOUSANDS: LazyLock<Regex> = LazyLock::new(|| re(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$"));
 /// Sign, number, optional exponent or `\times 10^{k}`, optional percent.
 static SCALAR: LazyLock<Regex> = LazyLock::new(|| {
     re(
@@ -68,7 +67,15 @@ fn unwrap_commands(s: &str, cmds: &[&str], max_len: usize) -> String {
 
 /// LaTeX and prose clean-up shared by every answer.
 pub(crate) fn clean(raw: &str, max_len: usize) -> String {
-    let mut s = raw.trim().to_string();
+    let raw = raw.trim();
+    // Fast path: a plain number needs none of the LaTeX clean-up below.
+    if raw
+        .bytes()
+        .all(|b| b.is_ascii_digit() || matches!(b, b',' | b'.' | b'-' | b'+' | b'/' | b'%'))
+    {
+        return raw.trim_end_matches(['.', ',']).to_string();
+    }
+    let mut s = raw.to_string();
     // Math delimiters around the whole answer.
     for (open, close) in [("$$", "$$"), ("\\(", "\\)"), ("\\[", "\\]")] {
         if let Some(inner) = s.strip_prefix(open).and_then(|r| r.strip_suffix(close)) {
@@ -141,14 +148,13 @@ pub(crate) fn parse(s: &str, max_len: usize) -> Value {
             }
         }
     }
-    if !THOUSANDS.is_match(s) {
-        let parts = split_top(s);
-        if parts.len() >= 2 {
-            return Value::List(parts.iter().map(|p| parse(p, max_len)).collect());
-        }
-    }
+    // A number first, so that thousands separators (`1,000 dollars`) are not list commas.
     if let Some(v) = parse_scalar(s) {
         return v;
+    }
+    let parts = split_top(s);
+    if parts.len() >= 2 {
+        return Value::List(parts.iter().map(|p| parse(p, max_len)).collect());
     }
     Value::Text(text_key(s))
 }

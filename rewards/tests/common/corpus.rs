@@ -72,7 +72,7 @@ pub fn completions(p: &Problem, rng: &mut Lcg) -> Vec<(String, bool)> {
     } else {
         format!("{a}.00")
     };
-    let templates: [(String, bool); 10] = [
+    let templates: [(String, bool); 11] = [
         (p.answer.clone(), true),
         (format!("{body}\nThe answer is {a}."), true),
         (
@@ -98,6 +98,10 @@ pub fn completions(p: &Problem, rng: &mut Lcg) -> Vec<(String, bool)> {
             true,
         ),
         ("I cannot solve this problem.".to_string(), false),
+        (
+            format!("{body}\nThe answer is {} dollars.", with_commas(a)),
+            true,
+        ),
     ];
     let k = 4 + rng.below(3) as usize;
     let start = rng.below(templates.len() as u64) as usize;
