@@ -191,3 +191,42 @@ pub fn serve_module<R: BufRead, W: Write>(
         output.flush()?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_rewrites_only_bare_tokens() {
+        assert_eq!(
+            sanitize_non_finite(r#"{"id":1,"results":[{"score":1.0}]}"#),
+            None
+        );
+        let s = sanitize_non_finite(
+            r#"{"score": NaN, "x": [Infinity, -Infinity], "t": "NaN Infinity \" NaN"}"#,
+        );
+        assert_eq!(
+            s.as_deref(),
+            Some(r#"{"score": "NaN", "x": ["Infinity", "-Infinity"], "t": "NaN Infinity \" NaN"}"#)
+        );
+    }
+
+    #[test]
+    fn serve_module_round_trip() {
+        let input =
+            b"{\"id\": 3, \"samples\": [{\"completion\": \"ab\", \"reference\": \"r\"}]}\n\n";
+        let mut out = Vec::new();
+        let len = |s: &Sample| Ok(Score::new(s.completion.len() as f64));
+        serve_module(&input[..], &mut out, &len).expect("serves");
+        let resp: Response = serde_json::from_slice(&out).expect("one response");
+        assert_eq!(resp.id, 3);
+        let r: Vec<_> = resp
+            .results
+            .into_iter()
+            .map(WireResult::into_result)
+            .collect();
+        assert_eq!(r, vec![Ok(Score::new(2.0))]);
+        let e = serve_module(&b"garbage\n"[..], &mut Vec::new(), &len).expect_err("bad request");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+}

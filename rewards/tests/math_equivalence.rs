@@ -235,7 +235,15 @@ fn svamp_style_equivalence() {
 }
 
 /// (completion, reference, score, extracted, matched_by)
-const EXTRACTION: &[(&str, &str, f64, Option<&str>, Option<&str>)] = &[
+type ExtractionCase = (
+    &'static str,
+    &'static str,
+    f64,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
+const EXTRACTION: &[ExtractionCase] = &[
     (
         "so $\\boxed{\\frac{1}{\\sqrt{2}}}$",
         "\\frac{1}{\\sqrt{2}}",

@@ -49,17 +49,9 @@ impl Default for MathConfig {
 /// `\left( \right)`, `$…$`, intervals and tuples. Numbers compare exactly as rationals when
 /// they fit, else within `rel_tol`. A completion without any answer scores 0 (it is not an
 /// error); an empty reference is an error.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct MathReward {
     cfg: MathConfig,
-}
-
-impl Default for MathReward {
-    fn default() -> Self {
-        Self {
-            cfg: MathConfig::default(),
-        }
-    }
 }
 
 impl MathReward {
@@ -96,8 +88,8 @@ impl MathReward {
     /// True when two answer strings are equivalent under this reward's normalisation.
     pub fn answers_match(&self, a: &str, b: &str) -> bool {
         let m = self.cfg.max_answer_bytes;
-        let va = value::parse(&value::clean(a, m), m);
-        let vb = value::parse(&value::clean(b, m), m);
+        let va = value::parse(&value::clean(a, m));
+        let vb = value::parse(&value::clean(b, m));
         value::equivalent(&va, &vb, self.cfg.rel_tol)
     }
 }

@@ -92,8 +92,7 @@ impl Num {
         match o {
             Num::Exact { num: 0, .. } => None,
             Num::Exact { num, den } => Some(self.mul(Num::ratio(den, num)?)),
-            Num::Approx(x) if x == 0.0 => None,
-            Num::Approx(x) => Some(Num::Approx(self.to_f64() / x)),
+            Num::Approx(x) => (x != 0.0).then(|| Num::Approx(self.to_f64() / x)),
         }
     }
 
@@ -164,5 +163,45 @@ impl Num {
             .ok()
             .filter(|x| x.is_finite())
             .map(Num::Approx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Num;
+
+    fn exact(n: Num) -> (i128, i128) {
+        match n {
+            Num::Exact { num, den } => (num, den),
+            Num::Approx(x) => panic!("inexact {x}"),
+        }
+    }
+
+    #[test]
+    fn decimals_parse_exactly() {
+        let p = |s: &str| Num::parse_decimal(s).expect(s);
+        assert_eq!(exact(p("3.50")), (7, 2));
+        assert_eq!(exact(p("1,234.5")), (2469, 2));
+        assert_eq!(exact(p(".25")), (1, 4));
+        assert_eq!(exact(p("2.5e-3")), (1, 400));
+        assert_eq!(exact(p("0.000")), (0, 1));
+        assert!(matches!(p("1e300"), Num::Approx(x) if x == 1e300));
+        assert!(Num::parse_decimal("1.2.3").is_none());
+        assert!(Num::parse_decimal("").is_none());
+    }
+
+    #[test]
+    fn arithmetic_falls_back_to_floats_on_overflow() {
+        let big = Num::int(i128::MAX);
+        assert!(matches!(big.add(Num::int(1)), Num::Approx(_)));
+        assert!(matches!(big.mul(Num::int(2)), Num::Approx(_)));
+        assert!(matches!(Num::int(i128::MIN).neg(), Num::Approx(_)));
+        assert_eq!(
+            exact(Num::int(3).div(Num::int(-6)).expect("non-zero")),
+            (-1, 2)
+        );
+        assert!(Num::int(1).div(Num::int(0)).is_none());
+        assert!(Num::Approx(1e40).equals(Num::Approx(1e40 * (1.0 + 1e-9)), 1e-6));
+        assert!(!Num::Approx(f64::NAN).equals(Num::Approx(f64::NAN), 1e-6));
     }
 }

@@ -124,10 +124,10 @@ pub(crate) fn clean(raw: &str, max_len: usize) -> String {
 }
 
 /// Parses a cleaned answer.
-pub(crate) fn parse(s: &str, max_len: usize) -> Value {
+pub(crate) fn parse(s: &str) -> Value {
     let s = s.trim();
     if let Some(inner) = s.strip_prefix("\\{").and_then(|r| r.strip_suffix("\\}")) {
-        return Value::List(split_top(inner).iter().map(|i| parse(i, max_len)).collect());
+        return Value::List(split_top(inner).iter().map(|i| parse(i)).collect());
     }
     let first = s.chars().next();
     let last = s.chars().last();
@@ -136,7 +136,7 @@ pub(crate) fn parse(s: &str, max_len: usize) -> Value {
         if balanced(inner) {
             let parts = split_top(inner);
             if parts.len() >= 2 {
-                let items = parts.iter().map(|p| parse(p, max_len)).collect();
+                let items = parts.iter().map(|p| parse(p)).collect();
                 return Value::Tuple {
                     open: o,
                     close: c,
@@ -144,7 +144,7 @@ pub(crate) fn parse(s: &str, max_len: usize) -> Value {
                 };
             }
             if o == '(' && c == ')' {
-                return parse(inner, max_len);
+                return parse(inner);
             }
         }
     }
@@ -154,7 +154,7 @@ pub(crate) fn parse(s: &str, max_len: usize) -> Value {
     }
     let parts = split_top(s);
     if parts.len() >= 2 {
-        return Value::List(parts.iter().map(|p| parse(p, max_len)).collect());
+        return Value::List(parts.iter().map(|p| parse(p)).collect());
     }
     Value::Text(text_key(s))
 }
