@@ -330,8 +330,7 @@ impl RecordView<'_> {
         let mut crc = crc32c::crc32c_append(crc_seed, hbytes);
         for (part, off) in parts.iter().zip(offsets) {
             // SAFETY: see above.
-            unsafe { std::ptr::copy_nonoverlapping(part.as_ptr(), dst.add(off), part.len()) };
-            crc = crc32c::crc32c_append(crc, part);
+            crc = unsafe { copy_with_crc(part.as_ptr(), dst.add(off), part.len(), crc, false) };
         }
         let pad = len - (l.plan + parts[3].len());
         if pad > 0 {
@@ -342,6 +341,37 @@ impl RecordView<'_> {
         }
         crc
     }
+}
+
+/// Bytes per chunk of [`copy_with_crc`]: small enough that the CRC pass reads cache-hot data.
+const CRC_CHUNK: usize = 32 << 10;
+
+/// Copies `len` bytes from `src` to `dst` and extends `crc` over them, chunk by chunk, so the
+/// CRC pass reads data the copy just touched. With `crc_of_dst` the CRC is computed over the
+/// destination (the consumer's private copy, which is what gets decoded).
+///
+/// # Safety
+/// `src` must be valid for reads and `dst` for writes of `len` bytes, without overlap, and no
+/// other party may write `dst` meanwhile.
+pub(crate) unsafe fn copy_with_crc(
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    mut crc: u32,
+    crc_of_dst: bool,
+) -> u32 {
+    let mut done = 0;
+    while done < len {
+        let n = CRC_CHUNK.min(len - done);
+        // SAFETY: `done + n <= len`, so both ranges lie inside the caller's regions.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(done), dst.add(done), n) };
+        let hashed = if crc_of_dst { dst.cast_const() } else { src };
+        // SAFETY: as above; the bytes were just copied (or are the caller's source).
+        let chunk = unsafe { std::slice::from_raw_parts(hashed.add(done), n) };
+        crc = crc32c::crc32c_append(crc, chunk);
+        done += n;
+    }
+    crc
 }
 
 fn as_bytes(h: &RecordHeader) -> &[u8] {

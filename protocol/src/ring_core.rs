@@ -7,13 +7,14 @@
 
 use crate::sync::{AtomicU64, Ordering};
 
-/// Producer: may the record with sequence `head` be written? (`head - tail < capacity`)
+/// Producer: the first sequence that may NOT be written yet (`tail + capacity`). Every
+/// sequence below it may be written; the producer caches the value and reloads it only when
+/// it reaches it.
 ///
 /// The Acquire load of `tail` pairs with the Release store in [`consumer_release`]: once we see
 /// the consumer moved past a slot, its copy-out of that slot happened before our overwrite.
-pub fn producer_has_space(tail: &AtomicU64, head: u64, capacity: u64) -> bool {
-    let t = tail.load(Ordering::Acquire);
-    head.wrapping_sub(t) < capacity
+pub fn producer_space_limit(tail: &AtomicU64, capacity: u64) -> u64 {
+    tail.load(Ordering::Acquire).wrapping_add(capacity)
 }
 
 /// Producer: publish the fully written record `seq`.
@@ -34,7 +35,7 @@ pub fn consumer_ready(commit: &AtomicU64, seq: u64) -> bool {
 
 /// Consumer: record `seq` has been copied out; its slot may be reused.
 ///
-/// Release pairs with the Acquire load of `tail` in [`producer_has_space`].
+/// Release pairs with the Acquire load of `tail` in [`producer_space_limit`].
 pub fn consumer_release(tail: &AtomicU64, seq: u64) {
     tail.store(seq.wrapping_add(1), Ordering::Release);
 }

@@ -236,25 +236,33 @@ pub(crate) fn monotonic_ns() -> u64 {
         .wrapping_add(ts.tv_nsec as u64)
 }
 
-/// Back-off for waits: spin, then yield, then sleep briefly.
+/// Back-off for waits: spin briefly, then yield the CPU for up to a millisecond, then sleep in
+/// short steps. Latency-sensitive peers stay responsive; idle ones stop burning a core.
 pub(crate) struct Backoff {
     step: u32,
+    start: Option<std::time::Instant>,
 }
 
 impl Backoff {
     pub(crate) fn new() -> Self {
-        Self { step: 0 }
+        Self {
+            step: 0,
+            start: None,
+        }
     }
 
-    /// Waits a little; returns true once the caller should do its slow checks (liveness).
+    /// Waits a little; returns true when the caller should run its slow checks (liveness,
+    /// timeout): on every sleep and every 64th yield.
     pub(crate) fn snooze(&mut self) -> bool {
-        self.step = self.step.saturating_add(1);
-        if self.step < 4096 {
+        self.step = self.step.wrapping_add(1);
+        if self.step < 256 {
             std::hint::spin_loop();
-            false
-        } else if self.step < 4096 + 64 {
+            return false;
+        }
+        let start = *self.start.get_or_insert_with(std::time::Instant::now);
+        if start.elapsed() < std::time::Duration::from_millis(1) {
             std::thread::yield_now();
-            false
+            self.step % 64 == 0
         } else {
             std::thread::sleep(std::time::Duration::from_micros(50));
             true

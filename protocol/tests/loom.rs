@@ -9,7 +9,9 @@
 use loom::cell::UnsafeCell;
 use loom::sync::atomic::AtomicU64;
 use loom::sync::Arc;
-use protocol::ring_core::{consumer_ready, consumer_release, producer_commit, producer_has_space};
+use protocol::ring_core::{
+    consumer_ready, consumer_release, producer_commit, producer_space_limit,
+};
 
 const CAP: usize = 2;
 
@@ -39,9 +41,14 @@ fn run(records: u64) {
         let producer = {
             let ring = ring.clone();
             loom::thread::spawn(move || {
+                // The producer caches the space limit exactly as `Producer` does.
+                let mut limit = 0;
                 for seq in 0..records {
-                    while !producer_has_space(&ring.tail, seq, CAP as u64) {
-                        loom::thread::yield_now();
+                    while seq >= limit {
+                        limit = producer_space_limit(&ring.tail, CAP as u64);
+                        if seq >= limit {
+                            loom::thread::yield_now();
+                        }
                     }
                     let i = seq as usize % CAP;
                     // SAFETY: loom verifies exclusivity (the point of the model).
