@@ -177,6 +177,18 @@ pub enum PublishError {
     Lock(#[from] std::io::Error),
 }
 
+/// [`crate::Writer::try_publish_slot`] failed; readers still see the previous version.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishSlotError<E> {
+    /// No slot could be taken.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The fill callback failed.
+    #[error("filling the slot failed: {0}")]
+    Fill(E),
+}
+
 /// Pinning the current weights failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

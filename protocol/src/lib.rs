@@ -30,11 +30,13 @@ mod weights;
 pub mod bench;
 #[cfg(not(loom))]
 pub mod control;
+#[cfg(all(feature = "cuda", not(loom)))]
+pub mod cuda;
 
 #[cfg(not(loom))]
 pub use error::{
     ControlError, CorruptReason, HandshakeError, HeaderError, ManifestError, OpenError, PinError,
-    PopError, PublishError, PushError, RecordError, SegmentError,
+    PopError, PublishError, PublishSlotError, PushError, RecordError, SegmentError,
 };
 #[cfg(not(loom))]
 pub use manifest::{DType, Manifest, TensorSpec, TENSOR_ALIGN};

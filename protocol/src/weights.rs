@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::error::{HeaderError, OpenError, PinError, PublishError};
+use crate::error::{HeaderError, OpenError, PinError, PublishError, PublishSlotError};
 use crate::manifest::{to_hex, DType, Manifest};
 use crate::segment::{Backoff, Segment, SegmentError};
 use crate::sync::{atomic_u64_at, AtomicU64, Ordering};
@@ -361,6 +361,24 @@ impl Writer {
         timeout: Duration,
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<u64, PublishError> {
+        self.try_publish_slot(timeout, |_, bytes| {
+            fill(bytes);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map_err(|e| match e {
+            PublishSlotError::Publish(p) => p,
+            PublishSlotError::Fill(never) => match never {},
+        })
+    }
+
+    /// Like [`Self::publish`], but `fill` also gets the slot index (to fill device buffers that
+    /// mirror the slots) and may fail, in which case nothing is published.
+    pub fn try_publish_slot<E>(
+        &mut self,
+        timeout: Duration,
+        fill: impl FnOnce(u32, &mut [u8]) -> Result<(), E>,
+    ) -> Result<u64, PublishSlotError<E>> {
+        // SeqCst: only this process stores the control word; see the module protocol.
         let (version, current) = unpack(self.store.control().load(Ordering::SeqCst));
         let start = Instant::now();
         let mut backoff = Backoff::new();
@@ -372,7 +390,8 @@ impl Writer {
                 return Err(PublishError::AllSlotsPinned {
                     slots: self.store.slots - 1,
                     waited: start.elapsed(),
-                });
+                }
+                .into());
             }
         };
         let len = self.store.manifest.total_size();
@@ -380,7 +399,7 @@ impl Writer {
         // pins it from now on fails validation (the control word does not name it), so this
         // process has exclusive access to its `len ≤ stride` bytes until the store below.
         let data = unsafe { std::slice::from_raw_parts_mut(self.store.slot_ptr(slot), len) };
-        fill(data);
+        fill(slot, data).map_err(PublishSlotError::Fill)?;
         let next = version + 1;
         // SeqCst (⊇ Release): publishes the slot's bytes to readers, pairing with their SeqCst
         // control loads in `Reader::pin`; SeqCst orders it before our next pin scan.
@@ -488,6 +507,11 @@ impl Pinned<'_> {
     /// The version pinned.
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// Index of the pinned slot (selects the matching device buffer in a GPU store).
+    pub fn slot(&self) -> u32 {
+        self.slot
     }
 
     /// All parameter bytes of the slot.
