@@ -1,0 +1,146 @@
+//! The `nested-reft` binary, run as a user would, on the real default model.
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_nested-reft"))
+        .args(args)
+        .output()
+        .expect("start nested-reft");
+    out
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+#[test]
+fn logprobs_of_a_text_under_a_nested_plan() {
+    let v = ok_json(&[
+        "logprobs",
+        "--text",
+        "The sky is blue.",
+        "--skip-layers",
+        "5,10,15",
+        "--compare-full",
+    ]);
+    assert_eq!(v["plan"]["skipped"], serde_json::json!([5, 10, 15]));
+    let tokens = v["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 5, "{tokens:?}"); // The| sky| is| blue|.
+    assert!(
+        tokens[0]["logprob"].is_null(),
+        "the first token has no context"
+    );
+    assert_eq!(tokens[1]["token"], " sky");
+    let mut total = 0.0;
+    for t in &tokens[1..] {
+        let lp = t["logprob"].as_f64().unwrap();
+        let full = t["full_logprob"].as_f64().unwrap();
+        assert!(lp < 0.0 && full < 0.0);
+        assert!((t["delta"].as_f64().unwrap() - (lp - full)).abs() < 1e-5);
+        total += lp;
+    }
+    assert!((v["total_logprob"].as_f64().unwrap() - total).abs() < 1e-4);
+    // The full plan scores its own tokens identically to --skip-ratio 0.
+    let full = ok_json(&["logprobs", "--text", "The sky is blue."]);
+    for (a, b) in full["tokens"].as_array().unwrap()[1..]
+        .iter()
+        .zip(&tokens[1..])
+    {
+        assert!(
+            (a["logprob"].as_f64().unwrap() - b["full_logprob"].as_f64().unwrap()).abs() < 1e-5
+        );
+    }
+}
+
+#[test]
+fn prompt_completion_pair_scores_only_the_completion() {
+    let v = ok_json(&[
+        "logprobs",
+        "--chat",
+        "What is 2+2?",
+        "--completion",
+        "4",
+        "--skip-ratio",
+        "0.1",
+    ]);
+    let tokens = v["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0]["token"], "4");
+    assert_eq!(v["plan"]["skipped"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn greedy_generation_is_reproducible_and_reports_json() {
+    let args = [
+        "generate",
+        "--chat",
+        "Name a color.",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "--skip-ratio",
+        "0.1",
+        "--plan-strategy",
+        "contiguous",
+        "--seed",
+        "4",
+    ];
+    let a = ok_json(&args);
+    let b = ok_json(&args);
+    assert_eq!(a, b);
+    let n = a["tokens"].as_array().unwrap().len();
+    assert!((1..=8).contains(&n));
+    assert_eq!(a["logprobs"].as_array().unwrap().len(), n);
+    assert_eq!(a["plan"].as_array().unwrap().len(), 27);
+}
+
+#[test]
+fn bad_input_fails_with_a_clear_message() {
+    for (args, needle) in [
+        (
+            vec!["generate", "--prompt", "x", "--skip-layers", "5,99"],
+            "cannot skip layer 99",
+        ),
+        (
+            vec!["generate", "--prompt", "x", "--skip-ratio", "1.5"],
+            "skip ratio 1.5",
+        ),
+        (
+            vec![
+                "generate",
+                "--prompt",
+                "x",
+                "--skip-layers",
+                "3",
+                "--skip-ratio",
+                "0.2",
+            ],
+            "cannot be combined",
+        ),
+        (
+            vec!["generate", "--prompt", "x", "--temperature=-1"],
+            "temperature -1",
+        ),
+        (
+            vec!["generate", "--prompt", "x", "--model", "/nonexistent.gguf"],
+            "/nonexistent.gguf",
+        ),
+        (vec!["logprobs", "--prompt", "x"], "--completion"),
+    ] {
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
