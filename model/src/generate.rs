@@ -224,16 +224,13 @@ pub fn generate(
         }
         if keep.len() < active.len() {
             ctx.select_rows(&keep, device)?;
-            let mut it = keep.iter().peekable();
-            let mut r = 0;
-            active.retain(|_| {
-                let kept = it.peek() == Some(&&r);
-                if kept {
-                    it.next();
-                }
-                r += 1;
-                kept
-            });
+            // `keep` is ascending, so a binary search tells which rows survive.
+            active = std::mem::take(&mut active)
+                .into_iter()
+                .enumerate()
+                .filter(|(r, _)| keep.binary_search(r).is_ok())
+                .map(|(_, row)| row)
+                .collect();
         }
         let input = Tensor::from_vec(next, (active.len(), 1), device)?;
         let hidden = model.forward_hidden(&input, &mut ctx)?;

@@ -459,3 +459,54 @@ fn greedy_answer_is_coherent() {
     assert_eq!(c.finish, FinishReason::Stop(".".into()), "{answer:?}");
     assert!(answer.ends_with('.'), "{answer:?}");
 }
+
+#[test]
+fn sharded_safetensors_directory_loads() {
+    let m = smollm();
+    let dir = tempfile::tempdir().unwrap();
+    save_pretrained(&m.decoder, &m.tokenizer, dir.path()).unwrap();
+    // Re-split the single file into two shards with an index, as large checkpoints ship.
+    let single = dir.path().join("model.safetensors");
+    let all = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    std::fs::remove_file(&single).unwrap();
+    let mut shards = [
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    ];
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, t)) in all.into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        weight_map.insert(name.clone(), file.into());
+        shards[i % 2].insert(name, t);
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        let path = dir
+            .path()
+            .join(format!("model-0000{}-of-00002.safetensors", i + 1));
+        candle_core::safetensors::save(shard, path).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let back = load_model(dir.path(), &LoadOptions::default()).unwrap();
+    let x = Tensor::new(&[[1u32, 504, 3458]], &Device::Cpu).unwrap();
+    let a = m
+        .decoder
+        .forward(&x, &mut ForwardCtx::new(full(m)))
+        .unwrap();
+    let b = back
+        .decoder
+        .forward(&x, &mut ForwardCtx::new(full(m)))
+        .unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    // A shard listed in the index but absent is a clear error.
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let err = load_model(dir.path(), &LoadOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, ModelError::Io { ref path, .. } if path.ends_with("model-00002-of-00002.safetensors")),
+        "{err}"
+    );
+}
