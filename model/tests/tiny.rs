@@ -192,3 +192,45 @@ fn cached_decoding_equals_full_forward_with_padding() {
         last = m.forward(&x, &mut ctx).unwrap().i((.., 0)).unwrap();
     }
 }
+
+#[test]
+fn a_prompt_generates_the_same_alone_or_padded_in_a_batch_with_early_stops() {
+    // Rows end at different steps (token 3 is EOS), so finished rows are dropped from the batch
+    // mid-generation; prompt 0 is left-padded next to the longer prompt 1. Each completion has
+    // its own RNG stream, so prompt 0's completions must not depend on its neighbours.
+    let m = tiny(Architecture::Llama, DType::F32, false);
+    let plan = LayerPlan::skipping(&[1], 3).unwrap();
+    let cfg = GenerationConfig {
+        sampling: Sampling::temperature(1.0),
+        max_new_tokens: 12,
+        group_size: 4,
+        seed: 17,
+        eos_token_ids: vec![3],
+        stop_strings: vec![],
+    };
+    let a = vec![1u32, 2];
+    let b = vec![4u32, 5, 6, 7, 8];
+    let together = generate(&m, &[a.clone(), b], &plan, &cfg, None).unwrap();
+    let alone = generate(&m, &[a], &plan, &cfg, None).unwrap();
+    let lengths: Vec<usize> = together
+        .completions
+        .iter()
+        .map(|c| c.tokens.len())
+        .collect();
+    assert!(
+        lengths.iter().any(|&n| n < 12) && lengths.iter().any(|&n| n > 1),
+        "{lengths:?}"
+    );
+    for (x, y) in together.completions[..4].iter().zip(&alone.completions) {
+        assert_eq!(x.tokens, y.tokens);
+        assert_eq!(x.finish, y.finish);
+        for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
+            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+        }
+        if x.finish == FinishReason::Eos {
+            assert_eq!(*x.tokens.last().unwrap(), 3);
+        } else {
+            assert_eq!(x.tokens.len(), 12);
+        }
+    }
+}
