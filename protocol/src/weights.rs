@@ -11,6 +11,7 @@
 //! - writer: picks a slot that is neither current nor pinned by a live reader, fills it, then
 //!   stores the new control word. A reader whose pin came after the writer's check re-reads a
 //!   control word that does not name that slot, so it never validates a slot being written.
+//!
 //! A reader's role is an OFD lock on byte `1 + i`; a pin whose lock is free belongs to a dead
 //! reader and is ignored (reclaimed) by the writer and reset by the next holder of that entry.
 

@@ -8,6 +8,7 @@
 //! peer weights-read DIR NAME ELEMS UNTIL
 //! peer weights-pin-hang DIR NAME ELEMS
 //! peer control-client SERVER_NAME LAYOUT_VERSION
+//! peer ring-bench-peer --dir DIR --name NAME --record-bytes BYTES
 //! ```
 
 use std::path::Path;
@@ -43,6 +44,10 @@ fn main() -> Result<()> {
             weights_pin_hang(Path::new(dir), name, elems.parse()?)
         }
         ["control-client", server, version] => control_client(server, version.parse()?),
+        ["ring-bench-peer", "--dir", dir, "--name", name, "--record-bytes", bytes] => {
+            protocol::bench::run_ring_peer(Path::new(dir), name, bytes.parse()?)
+                .context("while serving the ring benchmark")
+        }
         _ => bail!("unknown peer command {args:?}"),
     }
 }
