@@ -260,3 +260,33 @@ fn flipped_byte_is_quarantined_never_delivered() {
     assert_eq!(c.quarantined_total(), 1);
     assert_eq!(c.pop(T).expect("pop 2"), common::record(2));
 }
+
+#[test]
+fn unpublished_magic_and_foreign_owner_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = common::desc(4);
+    drop(RolloutRing::create(dir.path(), "z", d).expect("create"));
+    corrupt(dir.path(), "z.ring", 0, &[0u8; 8]);
+    assert!(matches!(
+        RolloutRing::open(dir.path(), "z", d),
+        Err(OpenError::Header {
+            source: HeaderError::NotInitialised,
+            ..
+        })
+    ));
+    drop(RolloutRing::create(dir.path(), "o", d).expect("create"));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot hand a segment to another user; owner check not exercised");
+        return;
+    }
+    std::os::unix::fs::chown(dir.path().join("o.ring"), Some(65534), None).expect("chown");
+    match RolloutRing::open(dir.path(), "o", d) {
+        Err(OpenError::Segment(SegmentError::WrongOwner {
+            owner: 65534,
+            me: 0,
+            ..
+        })) => {}
+        other => panic!("expected WrongOwner, got {other:?}"),
+    }
+}
