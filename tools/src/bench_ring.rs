@@ -69,17 +69,29 @@ pub struct BenchWeightsArgs {
 
 /// Runs `bench ring`. The peer is this executable re-run as `bench ring-peer`.
 pub fn run_ring(args: &BenchRingArgs) -> Result<()> {
-    let dir = args.dir.clone().unwrap_or_else(protocol::default_runtime_dir);
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(protocol::default_runtime_dir);
     let peer = if args.thread_peer {
         PeerMode::Thread
     } else {
         let program = std::env::current_exe().context("while locating this executable")?;
-        PeerMode::Process { program, args: vec!["bench".into(), "ring-peer".into()] }
+        PeerMode::Process {
+            program,
+            args: vec!["bench".into(), "ring-peer".into()],
+        }
     };
     for &size in &args.sizes {
         let records = (args.bytes / size.max(1) as u64).max(100);
-        let r = bench::ring_throughput(&dir, size, records, args.round_trips, &peer)
-            .with_context(|| format!("while benchmarking {size}-byte records in {}", dir.display()))?;
+        let r = bench::ring_throughput(&dir, size, records, args.round_trips, &peer).with_context(
+            || {
+                format!(
+                    "while benchmarking {size}-byte records in {}",
+                    dir.display()
+                )
+            },
+        )?;
         println!(
             "ring record={}B records={} throughput={:.2}GB/s memcpy={:.2}GB/s ratio={:.1}% \
              rtt_p50={:.1}us rtt_p99={:.1}us round_trips={} peer={}",
@@ -105,7 +117,10 @@ pub fn run_ring_peer(args: &BenchRingPeerArgs) -> Result<()> {
 
 /// Runs `bench weights`.
 pub fn run_weights(args: &BenchWeightsArgs) -> Result<()> {
-    let dir = args.dir.clone().unwrap_or_else(protocol::default_runtime_dir);
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(protocol::default_runtime_dir);
     let manifest = bench::llama_like_manifest(
         args.vocab,
         args.hidden,
