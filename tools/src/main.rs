@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod assets;
+mod bench_ring;
 mod lm;
 mod modelargs;
 mod score;
@@ -24,6 +25,9 @@ enum Command {
     Logprobs(lm::LogprobsArgs),
     /// Score completions from a JSON Lines file with a reward (for debugging a reward module).
     Score(score::ScoreArgs),
+    /// Measure the shared-memory transport against memcpy.
+    #[command(subcommand)]
+    Bench(Bench),
     /// Fetch the default assets (model and GSM8K problems) into the asset cache.
     Fetch {
         /// What to fetch.
@@ -32,12 +36,26 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Rollout ring throughput (GB/s) and round-trip latency (p50/p99) with a peer process.
+    Ring(bench_ring::BenchRingArgs),
+    /// Weight store publish and read of a parameter set (default: SmolLM2-135M's shapes).
+    Weights(bench_ring::BenchWeightsArgs),
+    /// The peer process `bench ring` starts (not for direct use).
+    #[command(hide = true)]
+    RingPeer(bench_ring::BenchRingPeerArgs),
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => lm::generate(args),
         Command::Logprobs(args) => lm::logprobs(args),
         Command::Score(args) => score::run(args),
+        Command::Bench(Bench::Ring(args)) => bench_ring::run_ring(&args),
+        Command::Bench(Bench::Weights(args)) => bench_ring::run_weights(&args),
+        Command::Bench(Bench::RingPeer(args)) => bench_ring::run_ring_peer(&args),
         Command::Fetch { what } => assets::fetch(&what),
     }
 }
