@@ -1,5 +1,5 @@
 //! Shared-memory rollout ring, weight store and control channel between the rollout server
-//! and the learner (DESIGN.md §5).
+//! and the learner.
 //!
 //! - [`RolloutRing`]: SPSC ring of [`RolloutRecord`]s in a shared segment, with per-slot commit
 //!   words and CRC32C, explicit backpressure and crash detection.
