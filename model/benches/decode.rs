@@ -9,6 +9,9 @@ use model::candle_core;
 use model::*;
 use std::time::Instant;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key)
         .ok()
@@ -30,38 +33,13 @@ fn best(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Re
 
 fn main() -> anyhow::Result<()> {
     use candle_transformers::models::llama as reference;
-    let assets = std::env::var_os("NESTED_REFT_ASSETS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../.assets").into());
-    let path = assets.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    anyhow::ensure!(
-        path.is_file(),
-        "{} is missing: run tools/fetch-assets.sh model",
-        path.display()
-    );
+    let path = common::smollm_path();
     let n_tok = env_usize("DECODE_TOKENS", 64);
     let repeats = env_usize("DECODE_REPEATS", 3);
 
     let (cfg, weights, tokenizer) = load_gguf(&path, &LoadOptions::default())?;
     let ours = Decoder::new(&cfg, &weights, false)?;
-    let ref_cfg = reference::LlamaConfig {
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        vocab_size: cfg.vocab_size,
-        num_hidden_layers: cfg.num_layers,
-        num_attention_heads: cfg.num_heads,
-        num_key_value_heads: Some(cfg.num_kv_heads),
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope_theta as f32,
-        bos_token_id: None,
-        eos_token_id: None,
-        rope_scaling: None,
-        max_position_embeddings: cfg.max_position_embeddings,
-        tie_word_embeddings: Some(true),
-    }
-    .into_config(false);
-    let vb = candle_nn::VarBuilder::from_tensors(weights.into_inner(), DType::F32, &Device::Cpu);
-    let reference = reference::Llama::load(vb, &ref_cfg)?;
+    let (reference, ref_cfg) = common::reference_llama(&cfg, weights);
 
     let text = tokenizer.apply_chat_template(
         &[ChatMessage::new(

@@ -48,24 +48,7 @@ fn full_plan_logits_match_candle_transformers_llama() {
     use candle_transformers::models::llama as reference;
     let m = smollm();
     let (cfg, weights, _) = load_gguf(&smollm_path(), &LoadOptions::default()).unwrap();
-    let ref_cfg = reference::LlamaConfig {
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        vocab_size: cfg.vocab_size,
-        num_hidden_layers: cfg.num_layers,
-        num_attention_heads: cfg.num_heads,
-        num_key_value_heads: Some(cfg.num_kv_heads),
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope_theta as f32,
-        bos_token_id: None,
-        eos_token_id: None,
-        rope_scaling: None,
-        max_position_embeddings: cfg.max_position_embeddings,
-        tie_word_embeddings: Some(true),
-    }
-    .into_config(false);
-    let vb = candle_nn::VarBuilder::from_tensors(weights.into_inner(), DType::F32, &Device::Cpu);
-    let reference = reference::Llama::load(vb, &ref_cfg).unwrap();
+    let (reference, ref_cfg) = common::reference_llama(&cfg, weights);
     let mut cache = reference::Cache::new(false, DType::F32, &ref_cfg, &Device::Cpu).unwrap();
     let ids = prompt_ids();
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)
