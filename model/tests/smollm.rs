@@ -405,8 +405,25 @@ fn hf_directory_errors_name_the_problem() {
         "{err}"
     );
 
-    // Missing tokenizer.
+    // A weight stored with an integer dtype.
     std::fs::write(&cfg_path, &original).unwrap();
+    let st = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let good = tensors["model.norm.weight"].clone();
+    tensors.insert(
+        "model.norm.weight".into(),
+        Tensor::zeros(576, DType::U32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    let err = load_model(dir.path(), &LoadOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, ModelError::UnsupportedDType { ref name, .. } if name == "model.norm.weight"),
+        "{err}"
+    );
+    tensors.insert("model.norm.weight".into(), good);
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+
+    // Missing tokenizer.
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
     let err = load_model(dir.path(), &LoadOptions::default()).unwrap_err();
     assert!(
