@@ -3,15 +3,22 @@
 //!
 //! Ring: the peer runs in a separate process (or, if asked, a thread) that consumes records
 //! from a request ring and answers on a response ring it creates. Throughput streams records
-//! one way and waits for one small acknowledgement; round-trip latency sends one record and
-//! waits for the peer to echo it back in full.
+//! one way and waits for one small acknowledgement, once with the peer copying each record out
+//! of its slot ([`Consumer::pop_with`]) and once with it reading each record in place
+//! ([`Consumer::pop_in_place_with`]); both verify every record's CRC32C before delivering it.
+//! Round-trip latency sends one record and waits for the peer to echo it back in full (copying
+//! pops on both sides). The baseline is a single-threaded `memcpy` of the same number of bytes
+//! through a buffer the size of the ring, timed next to each throughput figure; the report
+//! keeps the fastest of those timings.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use crate::error::{ManifestError, OpenError, PinError, PopError, PublishError, PushError};
-use crate::record::{FinishReason, Limits, RecordView, Rewards, Sampling, Timings};
+use crate::error::{
+    ManifestError, OpenError, PinError, PopError, PublishError, PushError, RecordError,
+};
+use crate::record::{FinishReason, Limits, RecordRef, RecordView, Rewards, Sampling, Timings};
 use crate::ring::{Consumer, Descriptor, Producer, RolloutRing};
 use crate::weights::WeightStore;
 use crate::{DType, Manifest};
@@ -20,6 +27,10 @@ const OP_SINK: u64 = 0;
 const OP_ECHO: u64 = 1;
 const OP_ACK: u64 = 2;
 const OP_STOP: u64 = 3;
+/// Switches the peer to copying pops ([`Consumer::pop_with`]).
+const OP_MODE_COPY: u64 = 4;
+/// Switches the peer to in-place pops ([`Consumer::pop_in_place_with`]).
+const OP_MODE_IN_PLACE: u64 = 5;
 const PROMPT_TOKENS: usize = 16;
 const PLAN_LAYERS: usize = 16;
 const WAIT: Duration = Duration::from_secs(60);
@@ -34,6 +45,9 @@ pub enum BenchError {
     /// Pushing failed.
     #[error(transparent)]
     Push(#[from] PushError),
+    /// A benchmark record is invalid for the ring's limits.
+    #[error(transparent)]
+    Record(#[from] RecordError),
     /// Popping failed.
     #[error(transparent)]
     Pop(#[from] PopError),
@@ -76,9 +90,14 @@ pub struct RingReport {
     pub record_bytes: usize,
     /// Records streamed for the throughput figure.
     pub records: u64,
-    /// Ring throughput (producer write + CRC, consumer copy-out + CRC + decode), GB/s.
+    /// Ring throughput with copying pops (producer write + CRC, consumer copy-out + CRC +
+    /// decode), GB/s.
     pub ring_gbps: f64,
-    /// `memcpy` of the same bytes through a buffer the size of the ring, GB/s.
+    /// Ring throughput with in-place pops (producer write + CRC, consumer CRC over the slot +
+    /// decode, no copy), GB/s.
+    pub in_place_gbps: f64,
+    /// Single-threaded `memcpy` of the same bytes through a buffer the size of the ring, GB/s
+    /// (the fastest of the runs timed next to each ring figure).
     pub memcpy_gbps: f64,
     /// Round trips measured.
     pub round_trips: usize,
@@ -91,9 +110,14 @@ pub struct RingReport {
 }
 
 impl RingReport {
-    /// Ring throughput as a fraction of memcpy.
+    /// Ring throughput with copying pops as a fraction of memcpy.
     pub fn ratio(&self) -> f64 {
         self.ring_gbps / self.memcpy_gbps
+    }
+
+    /// Ring throughput with in-place pops as a fraction of memcpy.
+    pub fn in_place_ratio(&self) -> f64 {
+        self.in_place_gbps / self.memcpy_gbps
     }
 }
 
@@ -179,8 +203,9 @@ pub fn run_ring_peer(dir: &Path, name: &str, record_bytes: usize) -> Result<(), 
         max_completion_tokens: 1,
         ..desc.limits
     });
+    let mut in_place = false;
     loop {
-        let op = req.pop_with(WAIT, |r| -> Result<u64, PushError> {
+        let serve = |r: RecordRef<'_>| -> Result<u64, PushError> {
             let v = r.view();
             match v.batch_id {
                 OP_ECHO => resp.push(v, WAIT).map(|_| OP_ECHO),
@@ -189,9 +214,17 @@ pub fn run_ring_peer(dir: &Path, name: &str, record_bytes: usize) -> Result<(), 
                     .map(|_| OP_ACK),
                 op => Ok(op),
             }
-        })??;
-        if op == OP_STOP {
-            return Ok(());
+        };
+        let op = if in_place {
+            req.pop_in_place_with(WAIT, serve)??
+        } else {
+            req.pop_with(WAIT, serve)??
+        };
+        match op {
+            OP_STOP => return Ok(()),
+            OP_MODE_COPY => in_place = false,
+            OP_MODE_IN_PLACE => in_place = true,
+            _ => {}
         }
     }
 }
@@ -274,16 +307,16 @@ pub fn ring_throughput(
     let peer_result = handle.finish();
     let _ = RolloutRing::remove(dir, &format!("{name}.req"));
     let _ = RolloutRing::remove(dir, &format!("{name}.resp"));
-    let (ring_gbps, mut rtts) = result?;
+    let (ring_gbps, in_place_gbps, memcpy_gbps, mut rtts) = result?;
     peer_result?;
     let bytes = desc.limits.max_record_bytes().unwrap_or(0);
-    let memcpy_gbps = memcpy_gbps(bytes, desc.capacity as usize, records);
     rtts.sort_unstable();
     let pct = |p: f64| rtts[((rtts.len() - 1) as f64 * p).round() as usize];
     Ok(RingReport {
         record_bytes: bytes,
         records,
         ring_gbps,
+        in_place_gbps,
         memcpy_gbps,
         round_trips,
         rtt_p50: pct(0.50),
@@ -295,6 +328,31 @@ pub fn ring_throughput(
     })
 }
 
+/// Streams `records` full records to the peer (after switching it to `mode`) and waits for
+/// the acknowledgement of the last one; returns GB/s.
+fn stream(
+    req: &mut Producer,
+    resp: &mut Consumer,
+    payload: &Payload,
+    mode: u64,
+    records: u64,
+) -> Result<f64, BenchError> {
+    let bytes = payload
+        .view(OP_SINK, 0, true)
+        .validate(&req.descriptor().limits)?;
+    req.push(&payload.view(mode, 0, false), WAIT)?;
+    let start = Instant::now();
+    for i in 0..records {
+        let op = if i + 1 == records { OP_ACK } else { OP_SINK };
+        req.push(&payload.view(op, i, true), WAIT)?;
+    }
+    resp.pop_with(WAIT, |_| ())?;
+    let secs = start.elapsed().as_secs_f64();
+    Ok((bytes as f64 * records as f64) / secs / 1e9)
+}
+
+type Measured = (f64, f64, f64, Vec<Duration>);
+
 fn drive(
     dir: &Path,
     name: &str,
@@ -302,7 +360,7 @@ fn drive(
     req: &mut Producer,
     records: u64,
     round_trips: usize,
-) -> Result<(f64, Vec<Duration>), BenchError> {
+) -> Result<Measured, BenchError> {
     let mut resp = open_retry(dir, &format!("{name}.resp"), desc)?;
     let payload = Payload::new(&desc.limits);
     let bytes = desc.limits.max_record_bytes().unwrap_or(0);
@@ -311,14 +369,13 @@ fn drive(
         req.push(&payload.view(OP_ECHO, i, true), WAIT)?;
         resp.pop_with(WAIT, |_| ())?;
     }
-    let start = Instant::now();
-    for i in 0..records {
-        let op = if i + 1 == records { OP_ACK } else { OP_SINK };
-        req.push(&payload.view(op, i, true), WAIT)?;
-    }
-    resp.pop_with(WAIT, |_| ())?;
-    let secs = start.elapsed().as_secs_f64();
-    let gbps = (bytes as f64 * records as f64) / secs / 1e9;
+    let slots = desc.capacity as usize;
+    let mut memcpy = memcpy_gbps(bytes, slots, records);
+    let copy_gbps = stream(req, &mut resp, &payload, OP_MODE_COPY, records)?;
+    memcpy = memcpy.max(memcpy_gbps(bytes, slots, records));
+    let in_place_gbps = stream(req, &mut resp, &payload, OP_MODE_IN_PLACE, records)?;
+    memcpy = memcpy.max(memcpy_gbps(bytes, slots, records));
+    req.push(&payload.view(OP_MODE_COPY, 0, false), WAIT)?;
     let mut rtts = Vec::with_capacity(round_trips);
     for i in 0..round_trips as u64 {
         let t0 = Instant::now();
@@ -329,7 +386,7 @@ fn drive(
             return Err(BenchError::Peer(format!("echo carried {n} tokens")));
         }
     }
-    Ok((gbps, rtts))
+    Ok((copy_gbps, in_place_gbps, memcpy, rtts))
 }
 
 /// memcpy of `records` × `bytes` through `slots` destination buffers (the ring's footprint).

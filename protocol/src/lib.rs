@@ -14,6 +14,8 @@ mod sync;
 pub mod ring_core;
 
 #[cfg(not(loom))]
+mod crc;
+#[cfg(not(loom))]
 mod error;
 #[cfg(not(loom))]
 mod manifest;

@@ -6,6 +6,7 @@
 //! padded to 4 bytes. Decoding trusts no length: every count is checked against the
 //! [`Limits`] and the total against the payload size, with checked arithmetic.
 
+use crate::crc::{copy_with_crc, crc32c_append};
 use crate::error::RecordError;
 
 /// Reward components carried per record (plus a total).
@@ -327,51 +328,20 @@ impl RecordView<'_> {
         // SAFETY: (all copies) the caller guarantees `dst..dst+len` is writable and exclusive;
         // `layout` places every part inside `len` because `len == encoded_len(counts)`.
         unsafe { std::ptr::copy_nonoverlapping(hbytes.as_ptr(), dst, hbytes.len()) };
-        let mut crc = crc32c::crc32c_append(crc_seed, hbytes);
+        let mut crc = crc32c_append(crc_seed, hbytes);
         for (part, off) in parts.iter().zip(offsets) {
             // SAFETY: see above.
-            crc = unsafe { copy_with_crc(part.as_ptr(), dst.add(off), part.len(), crc, false) };
+            crc = unsafe { copy_with_crc(part.as_ptr(), dst.add(off), part.len(), crc) };
         }
         let pad = len - (l.plan + parts[3].len());
         if pad > 0 {
             let zeros = [0u8; 4];
             // SAFETY: the padding lies inside `len` (encoded_len rounds the plan up to 4).
             unsafe { std::ptr::write_bytes(dst.add(l.plan + parts[3].len()), 0, pad) };
-            crc = crc32c::crc32c_append(crc, &zeros[..pad]);
+            crc = crc32c_append(crc, &zeros[..pad]);
         }
         crc
     }
-}
-
-/// Bytes per chunk of [`copy_with_crc`]: small enough that the CRC pass reads cache-hot data.
-const CRC_CHUNK: usize = 32 << 10;
-
-/// Copies `len` bytes from `src` to `dst` and extends `crc` over them, chunk by chunk, so the
-/// CRC pass reads data the copy just touched. With `crc_of_dst` the CRC is computed over the
-/// destination (the consumer's private copy, which is what gets decoded).
-///
-/// # Safety
-/// `src` must be valid for reads and `dst` for writes of `len` bytes, without overlap, and no
-/// other party may write `dst` meanwhile.
-pub(crate) unsafe fn copy_with_crc(
-    src: *const u8,
-    dst: *mut u8,
-    len: usize,
-    mut crc: u32,
-    crc_of_dst: bool,
-) -> u32 {
-    let mut done = 0;
-    while done < len {
-        let n = CRC_CHUNK.min(len - done);
-        // SAFETY: `done + n <= len`, so both ranges lie inside the caller's regions.
-        unsafe { std::ptr::copy_nonoverlapping(src.add(done), dst.add(done), n) };
-        let hashed = if crc_of_dst { dst.cast_const() } else { src };
-        // SAFETY: as above; the bytes were just copied (or are the caller's source).
-        let chunk = unsafe { std::slice::from_raw_parts(hashed.add(done), n) };
-        crc = crc32c::crc32c_append(crc, chunk);
-        done += n;
-    }
-    crc
 }
 
 fn as_bytes(h: &RecordHeader) -> &[u8] {
@@ -387,7 +357,8 @@ fn slice_bytes<T: Copy>(s: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
 }
 
-/// A record decoded in place from a consumer's private copy of a slot.
+/// A record decoded in place: from the consumer's private copy of a slot, or, for the
+/// in-place pops, from the verified slot itself (which stays reserved while this lives).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RecordRef<'a> {
     view: RecordView<'a>,
@@ -405,8 +376,8 @@ impl<'a> RecordRef<'a> {
     }
 }
 
-/// Decodes a record from `bytes`, which must be 4-byte aligned (a private copy, never shared
-/// memory). Every count is checked against `limits` and the total against `bytes.len()`.
+/// Decodes a record from `bytes`, which must be 4-byte aligned and must not change while the
+/// result lives (a private copy, or a slot the consumer holds). Every count is checked against `limits` and the total against `bytes.len()`.
 pub fn decode_record<'a>(bytes: &'a [u8], limits: &Limits) -> Result<RecordRef<'a>, RecordError> {
     if bytes.len() < RECORD_HEADER_BYTES {
         return Err(RecordError::Truncated {

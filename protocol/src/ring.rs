@@ -14,8 +14,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::crc::{copy_with_crc, crc32c_append};
 use crate::error::{CorruptReason, HeaderError, OpenError, PopError, PushError};
-use crate::record::{copy_with_crc, decode_record, Limits, RecordRef, RecordView, RolloutRecord};
+use crate::record::{decode_record, Limits, RecordRef, RecordView, RolloutRecord};
 use crate::ring_core;
 use crate::segment::{monotonic_ns, Backoff, Segment, SegmentError};
 use crate::sync::{atomic_u64_at, AtomicU64, Ordering};
@@ -383,7 +384,7 @@ fn slot_meta_crc(len: u64, batch: u64, policy: u64, seq: u64) -> u32 {
     for (i, v) in [len, batch, policy, seq].into_iter().enumerate() {
         meta[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
     }
-    crc32c::crc32c(&meta)
+    crc32c_append(0, &meta)
 }
 
 /// The producer handle (one per ring, held by the rollout server).
@@ -509,6 +510,15 @@ impl Producer {
     }
 }
 
+/// A committed slot's payload and metadata, length already bounded by the slot size.
+struct SlotRead {
+    seq: u64,
+    payload: *mut u8,
+    len: usize,
+    stored_crc: u32,
+    seed: u32,
+}
+
 /// The consumer handle (one per ring, held by the learner).
 #[derive(Debug)]
 pub struct Consumer {
@@ -561,9 +571,9 @@ impl Consumer {
         Duration::from_nanos(monotonic_ns().saturating_sub(beat))
     }
 
-    /// Reads the next record if one is committed, hands it to `f`, then releases the slot.
-    /// If the process dies inside `f`, the record is delivered again to the next consumer.
-    pub fn try_pop_with<R>(&mut self, f: impl FnOnce(RecordRef<'_>) -> R) -> Result<R, PopError> {
+    /// The committed slot `seq` is ready to read: its metadata, with the length bounded by the
+    /// slot size (or the slot quarantined).
+    fn committed_slot(&mut self) -> Result<SlotRead, PopError> {
         let seq = self.tail;
         if !ring_core::consumer_ready(self.ring.commit(seq), seq) {
             return Err(PopError::Empty);
@@ -583,38 +593,86 @@ impl Consumer {
         if len > max {
             return Err(self.quarantine(seq, CorruptReason::Length { len, max }));
         }
-        let len = len as usize;
-        let src = slot.wrapping_add(SLOT_HEADER);
+        Ok(SlotRead {
+            seq,
+            payload: slot.wrapping_add(SLOT_HEADER),
+            len: len as usize,
+            stored_crc,
+            // The expected sequence (not the stored one) seeds the CRC, so a stale slot fails.
+            seed: slot_meta_crc(len, batch, policy, seq),
+        })
+    }
+
+    /// Checks the CRC and decodes `bytes` (the verified bytes of slot `r.seq`), hands the
+    /// record to `f`, then releases the slot; quarantines the record instead on any failure.
+    fn deliver<R>(
+        &mut self,
+        r: &SlotRead,
+        computed: u32,
+        bytes: &[u8],
+        f: impl FnOnce(RecordRef<'_>) -> R,
+    ) -> Result<R, PopError> {
+        if computed != r.stored_crc {
+            let reason = CorruptReason::Crc {
+                stored: r.stored_crc,
+                computed,
+            };
+            return Err(self.quarantine(r.seq, reason));
+        }
+        let rec = match decode_record(bytes, &self.ring.desc.limits) {
+            Ok(rec) => rec,
+            Err(e) => return Err(self.quarantine(r.seq, CorruptReason::Record(e))),
+        };
+        let out = f(rec);
+        self.release(r.seq);
+        Ok(out)
+    }
+
+    /// Reads the next record if one is committed: copies it out of the slot into a private
+    /// buffer (checking the CRC over the copy), hands the decoded copy to `f`, then releases
+    /// the slot. If the process dies inside `f`, the record is delivered again to the next
+    /// consumer.
+    pub fn try_pop_with<R>(&mut self, f: impl FnOnce(RecordRef<'_>) -> R) -> Result<R, PopError> {
+        let r = self.committed_slot()?;
         // Copy into the buffer at the same offset within a page as the source: large copies
         // between addresses that differ modulo 4096 run several times slower on some CPUs.
         // The payload is 64-byte aligned, so the destination stays (at least) 8-byte aligned.
         let base = self.buf.as_mut_ptr().cast::<u8>();
-        let shift = (src as usize).wrapping_sub(base as usize) % PAGE;
+        let shift = (r.payload as usize).wrapping_sub(base as usize) % PAGE;
         // SAFETY: `shift < PAGE` and `buf` holds slot_size + PAGE bytes, so `base + shift`
-        // has room for `len <= max` bytes.
+        // has room for `len <= slot_size - SLOT_HEADER` bytes (checked in `committed_slot`).
         let dst = unsafe { base.add(shift) };
-        // The expected sequence (not the stored one) seeds the CRC, so a stale slot fails too.
-        let seed = slot_meta_crc(len as u64, batch, policy, seq);
-        // SAFETY: `len <= max` bytes lie inside the slot and fit at `dst` (above); the regions
-        // do not overlap (private heap vs shared mapping). The CRC covers our private copy,
-        // which is exactly what gets decoded.
-        let computed = unsafe { copy_with_crc(src, dst, len, seed, true) };
-        // SAFETY: `buf` is a live Vec<u64> of at least `len` bytes, initialised above.
-        let bytes = unsafe { std::slice::from_raw_parts(dst.cast_const(), len) };
-        if computed != stored_crc {
-            let reason = CorruptReason::Crc {
-                stored: stored_crc,
-                computed,
-            };
-            return Err(self.quarantine(seq, reason));
-        }
-        let rec = match decode_record(bytes, &self.ring.desc.limits) {
-            Ok(r) => r,
-            Err(e) => return Err(self.quarantine(seq, CorruptReason::Record(e))),
-        };
-        let out = f(rec);
-        self.release(seq);
-        Ok(out)
+        // SAFETY: `len` bytes lie inside the slot and fit at `dst` (above); the regions do not
+        // overlap (private heap vs shared mapping). The CRC is computed from the values as
+        // written to our private copy, which is exactly what gets decoded.
+        let computed = unsafe { copy_with_crc(r.payload, dst, r.len, r.seed) };
+        // SAFETY: `buf` is a live allocation of at least `shift + len` bytes, initialised
+        // above; only this method writes it, and not while `bytes` lives (`deliver` does not
+        // touch `buf`, and `buf` is never reallocated).
+        let bytes = unsafe { std::slice::from_raw_parts(dst.cast_const(), r.len) };
+        self.deliver(&r, computed, bytes, f)
+    }
+
+    /// Like [`Self::try_pop_with`], but without the copy: verifies the CRC over the slot
+    /// itself and hands `f` a record that borrows the slot. The slot is released only after
+    /// `f` returns, so the producer cannot reuse it meanwhile; copy what you keep (e.g. into
+    /// tensors) inside `f`. If the process dies inside `f`, the record is delivered again.
+    pub fn try_pop_in_place_with<R>(
+        &mut self,
+        f: impl FnOnce(RecordRef<'_>) -> R,
+    ) -> Result<R, PopError> {
+        let r = self.committed_slot()?;
+        // SAFETY: the `len` bytes at `payload` lie inside the slot (bounded by
+        // `committed_slot`), inside the mapping that `self` keeps alive. Nobody writes them
+        // while `bytes` lives: the commit word's Acquire load (in `committed_slot`) ordered
+        // the producer's writes before our reads, and under the SPSC protocol the producer
+        // writes a slot only after the consumer released it (its Acquire load of `tail` pairs
+        // with the Release in `release`), which happens after `deliver` returns and `bytes`
+        // is dead; a restarted producer resumes after the last committed record, so it does
+        // not write unreleased slots either. The payload is 64-byte aligned, as decoding needs.
+        let bytes = unsafe { std::slice::from_raw_parts(r.payload.cast_const(), r.len) };
+        let computed = crc32c_append(r.seed, bytes);
+        self.deliver(&r, computed, bytes, f)
     }
 
     fn release(&mut self, seq: u64) {
@@ -636,27 +694,21 @@ impl Consumer {
         PopError::Corrupt { seq, reason }
     }
 
-    /// Like [`Self::try_pop_with`], waiting up to `timeout`. Reports a dead producer as
+    /// Waits up to `timeout` until the next record is committed. Reports a dead producer as
     /// [`PopError::ProducerDead`] once the ring is empty.
-    pub fn pop_with<R>(
-        &mut self,
-        timeout: Duration,
-        f: impl FnOnce(RecordRef<'_>) -> R,
-    ) -> Result<R, PopError> {
+    fn wait_ready(&self, timeout: Duration) -> Result<(), PopError> {
         let start = Instant::now();
         let mut backoff = Backoff::new();
-        let mut f = Some(f);
+        let seq = self.tail;
         loop {
-            let seq = self.tail;
             if ring_core::consumer_ready(self.ring.commit(seq), seq) {
-                let f = f.take().ok_or(PopError::Empty)?;
-                return self.try_pop_with(f);
+                return Ok(());
             }
             if backoff.snooze() {
                 if !self.producer_alive() {
                     // Re-check: the producer may have committed just before dying.
                     if ring_core::consumer_ready(self.ring.commit(seq), seq) {
-                        continue;
+                        return Ok(());
                     }
                     return Err(PopError::ProducerDead {
                         generation: self.producer_generation(),
@@ -667,6 +719,29 @@ impl Consumer {
                 }
             }
         }
+    }
+
+    /// Like [`Self::try_pop_with`], waiting up to `timeout`. Reports a dead producer as
+    /// [`PopError::ProducerDead`] once the ring is empty.
+    pub fn pop_with<R>(
+        &mut self,
+        timeout: Duration,
+        f: impl FnOnce(RecordRef<'_>) -> R,
+    ) -> Result<R, PopError> {
+        self.wait_ready(timeout)?;
+        self.try_pop_with(f)
+    }
+
+    /// Like [`Self::try_pop_in_place_with`] (no copy: `f` borrows the verified slot), waiting
+    /// up to `timeout`. Reports a dead producer as [`PopError::ProducerDead`] once the ring
+    /// is empty.
+    pub fn pop_in_place_with<R>(
+        &mut self,
+        timeout: Duration,
+        f: impl FnOnce(RecordRef<'_>) -> R,
+    ) -> Result<R, PopError> {
+        self.wait_ready(timeout)?;
+        self.try_pop_in_place_with(f)
     }
 
     /// Pops one owned record, waiting up to `timeout`.

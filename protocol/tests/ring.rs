@@ -290,3 +290,73 @@ fn unpublished_magic_and_foreign_owner_are_refused() {
         other => panic!("expected WrongOwner, got {other:?}"),
     }
 }
+
+#[test]
+fn in_place_pops_deliver_the_same_records_as_copying_pops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d: Descriptor = common::desc(3);
+    let mut p = RolloutRing::create(dir.path(), "z", d).expect("create");
+    let mut c = RolloutRing::open(dir.path(), "z", d).expect("open");
+    for i in 0..20u64 {
+        p.try_push(&common::record(i).as_view()).expect("push");
+        let got = if i % 2 == 0 {
+            c.pop_in_place_with(T, |r| r.to_owned_record())
+        } else {
+            c.try_pop_in_place_with(|r| r.to_owned_record())
+        };
+        assert_eq!(got.expect("in-place pop"), common::record(i));
+        assert_eq!(c.next_seq(), i + 1);
+    }
+    assert!(matches!(
+        c.try_pop_in_place_with(|_| ()),
+        Err(PopError::Empty)
+    ));
+    // The slot stays reserved while the borrowed record is in use: the ring is full with
+    // `capacity` records pushed, including the one being read.
+    for i in 0..3 {
+        p.try_push(&common::record(i).as_view()).expect("push");
+    }
+    c.pop_in_place_with(T, |r| {
+        assert_eq!(r.to_owned_record(), common::record(0));
+        assert!(matches!(
+            p.try_push(&common::record(9).as_view()),
+            Err(PushError::Full { capacity: 3 })
+        ));
+    })
+    .expect("pop");
+    p.try_push(&common::record(3).as_view())
+        .expect("space once released");
+}
+
+#[test]
+fn flipped_byte_is_quarantined_by_the_in_place_pop_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d: Descriptor = common::desc(4);
+    let mut p = RolloutRing::create(dir.path(), "y", d).expect("create");
+    let mut c = RolloutRing::open(dir.path(), "y", d).expect("open");
+    for i in 0..3 {
+        p.try_push(&common::record(i).as_view()).expect("push");
+    }
+    let off = d.payload_offset(1).expect("offset") + 130;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("y.ring"))
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off).expect("read");
+    f.write_all_at(&[b[0] ^ 0x01], off).expect("write");
+    let mut delivered = Vec::new();
+    for _ in 0..3 {
+        match c.pop_in_place_with(T, |r| delivered.push(r.view().prompt_id)) {
+            Ok(()) => {}
+            Err(PopError::Corrupt {
+                seq: 1,
+                reason: CorruptReason::Crc { .. },
+            }) => {}
+            Err(other) => panic!("expected CRC quarantine of seq 1, got {other:?}"),
+        }
+    }
+    assert_eq!(delivered, [0, 2]);
+    assert_eq!(c.quarantined(), 1);
+}
