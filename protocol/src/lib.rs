@@ -4,9 +4,9 @@
 //! - [`RolloutRing`]: SPSC ring of [`RolloutRecord`]s in a shared segment, with per-slot commit
 //!   words and CRC32C, explicit backpressure and crash detection.
 //! - [`WeightStore`]: multi-slot parameter store with pinning readers, laid out by a
-//!   [`Manifest`]; [`cuda`] (feature `cuda`) does the same over CUDA IPC device buffers.
+//!   [`Manifest`]; `cuda` (feature `cuda`) does the same over CUDA IPC device buffers.
 //! - [`control`]: typed messages and the handshake over `ipc-channel`.
-//! - [`bench`]: the ring and weight-store benchmarks behind `nested-reft bench`.
+//! - [`mod@bench`]: the ring and weight-store benchmarks behind `nested-reft bench`.
 
 mod sync;
 

@@ -657,6 +657,10 @@ impl Consumer {
     /// itself and hands `f` a record that borrows the slot. The slot is released only after
     /// `f` returns, so the producer cannot reuse it meanwhile; copy what you keep (e.g. into
     /// tensors) inside `f`. If the process dies inside `f`, the record is delivered again.
+    /// The record `f` sees is the one whose CRC was verified as long as the producer follows
+    /// the ring protocol (the role lock admits one producer, which never writes an unreleased
+    /// slot); [`Self::try_pop_with`] verifies a private copy instead, which no other process
+    /// can change at all.
     pub fn try_pop_in_place_with<R>(
         &mut self,
         f: impl FnOnce(RecordRef<'_>) -> R,
