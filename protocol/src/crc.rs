@@ -1,8 +1,9 @@
 //! CRC32C (Castagnoli), the checksum of the ring's slot format, with a single-pass copy+CRC.
 //!
-//! On x86-64 CPUs with SSE4.2 and PCLMULQDQ the bulk of a buffer is hashed in chunks of three
-//! interleaved streams with the `crc32` instruction (whose latency is three cycles), and the
-//! streams' registers are combined with one carry-less multiplication each.
+//! On x86-64 CPUs with SSE4.2 and PCLMULQDQ a buffer is hashed in chunks of three interleaved
+//! streams (4096, then 256, then 32 bytes long) with the `crc32` instruction, whose latency is
+//! three cycles, and the streams' registers are combined with one carry-less multiplication
+//! each; the last bytes go one word, then one byte, at a time.
 //! [`copy_with_crc`] loads each 8-byte word once, stores it to the destination and hashes the
 //! same register, in one pass, so the checksum covers exactly the bytes written. Elsewhere both
 //! fall back to the `crc32c` crate.
@@ -75,40 +76,80 @@ pub(crate) unsafe fn copy_with_crc(src: *const u8, dst: *mut u8, len: usize, crc
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
-        _mm_clmulepi64_si128, _mm_crc32_u64, _mm_cvtsi128_si64, _mm_cvtsi64_si128,
+        _mm_clmulepi64_si128, _mm_crc32_u64, _mm_crc32_u8, _mm_cvtsi128_si64, _mm_cvtsi64_si128,
     };
 
-    /// Bytes of each of the three interleaved streams per chunk (the `crc32` instruction has a
-    /// latency of three cycles and a throughput of one per cycle on current x86 cores).
-    const STREAM: usize = 4096;
-    /// Bytes per chunk.
-    const CHUNK: usize = 3 * STREAM;
-    /// Shortest input worth the interleaving; shorter ones go to the `crc32c` crate.
-    pub(super) const MIN_LEN: usize = CHUNK;
-
-    /// Multiplier that advances a CRC register over `STREAM` zero bytes (see [`shift`]).
-    const K_STREAM: u64 = super::xn_mod_p(8 * STREAM as u32 - 33).reverse_bits() as u64;
+    /// Stream lengths, longest first: each pass hashes as many chunks of three interleaved
+    /// streams of that length as fit (the `crc32` instruction has a latency of three cycles
+    /// and a throughput of one per cycle on current x86 cores); the next pass takes the rest.
+    const LONG: usize = 4096;
+    const MEDIUM: usize = 256;
+    const SHORT: usize = 32;
+    /// Shortest input worth this path; shorter ones go to the `crc32c` crate.
+    pub(super) const MIN_LEN: usize = 3 * SHORT;
 
     /// Whether the CPU has what [`fold`] is compiled for (the standard library caches this).
     pub(super) fn available() -> bool {
         is_x86_feature_detected!("pclmulqdq") && is_x86_feature_detected!("sse4.2")
     }
 
-    /// The CRC register `reg` advanced over `STREAM` zero bytes: the carry-less product with
-    /// x^(8·STREAM−33) mod P is at most 63 bits, and `crc32` over it multiplies by x^33 mod P.
+    /// The CRC register `reg` advanced over `S` zero bytes: the carry-less product with
+    /// x^(8·S−33) mod P is at most 63 bits, and `crc32` over it multiplies by x^33 mod P.
     #[inline]
     #[target_feature(enable = "pclmulqdq,sse4.2")]
-    unsafe fn shift(reg: u64) -> u64 {
+    unsafe fn shift<const S: usize>(reg: u64) -> u64 {
+        let k = const { super::xn_mod_p(8 * S as u32 - 33).reverse_bits() as u64 };
         let p = _mm_clmulepi64_si128::<0x00>(
             _mm_cvtsi64_si128(reg as i64),
-            _mm_cvtsi64_si128(K_STREAM as i64),
+            _mm_cvtsi64_si128(k as i64),
         );
         _mm_crc32_u64(0, _mm_cvtsi128_si64(p) as u64)
     }
 
-    /// CRC32C of `len` bytes at `src` extended from `crc`, over three interleaved streams per
-    /// chunk; with `COPY`, every 8-byte word is also stored to `dst` from the very register
-    /// that is hashed.
+    /// Hashes (and with `COPY` copies) as many chunks of three `S`-byte streams as fit in
+    /// `len` bytes, advancing the register `r0`; returns it and the bytes done.
+    ///
+    /// # Safety
+    /// As for [`fold`].
+    #[inline]
+    #[target_feature(enable = "pclmulqdq,sse4.2")]
+    unsafe fn streams<const COPY: bool, const S: usize>(
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
+        mut r0: u64,
+    ) -> (u64, usize) {
+        let chunks = len / (3 * S);
+        for c in 0..chunks {
+            let base = c * 3 * S;
+            let (mut r1, mut r2) = (0u64, 0u64);
+            for i in (0..S).step_by(8) {
+                let o = base + i;
+                // SAFETY: `o + 2 * S + 8 <= base + 3 * S <= len`: every word lies inside both
+                // regions; unaligned accesses are allowed by read/write_unaligned.
+                let (a, b, d) = unsafe {
+                    let a = src.add(o).cast::<u64>().read_unaligned();
+                    let b = src.add(o + S).cast::<u64>().read_unaligned();
+                    let d = src.add(o + 2 * S).cast::<u64>().read_unaligned();
+                    if COPY {
+                        dst.add(o).cast::<u64>().write_unaligned(a);
+                        dst.add(o + S).cast::<u64>().write_unaligned(b);
+                        dst.add(o + 2 * S).cast::<u64>().write_unaligned(d);
+                    }
+                    (a, b, d)
+                };
+                r0 = _mm_crc32_u64(r0, a);
+                r1 = _mm_crc32_u64(r1, b);
+                r2 = _mm_crc32_u64(r2, d);
+            }
+            // SAFETY: this function's target features are those `shift` needs.
+            r0 = unsafe { shift::<S>(shift::<S>(r0) ^ r1) } ^ r2;
+        }
+        (r0, chunks * 3 * S)
+    }
+
+    /// CRC32C of `len` bytes at `src` extended from `crc`; with `COPY`, every word is also
+    /// stored to `dst` from the very register that is hashed.
     ///
     /// # Safety
     /// The CPU supports PCLMULQDQ and SSE4.2; `src` is valid for reads of `len` bytes; with
@@ -121,46 +162,43 @@ mod x86 {
         len: usize,
         crc: u32,
     ) -> u32 {
-        let chunks = len / CHUNK;
-        let mut r0 = u64::from(!crc);
-        for c in 0..chunks {
-            let base = c * CHUNK;
-            let (mut r1, mut r2) = (0u64, 0u64);
-            for i in (0..STREAM).step_by(8) {
-                let o = base + i;
-                // SAFETY: `o + 2 * STREAM + 8 <= base + CHUNK <= len`: every word lies inside
-                // both regions; unaligned accesses are allowed by read/write_unaligned.
-                let (a, b, d) = unsafe {
-                    let a = src.add(o).cast::<u64>().read_unaligned();
-                    let b = src.add(o + STREAM).cast::<u64>().read_unaligned();
-                    let d = src.add(o + 2 * STREAM).cast::<u64>().read_unaligned();
-                    if COPY {
-                        dst.add(o).cast::<u64>().write_unaligned(a);
-                        dst.add(o + STREAM).cast::<u64>().write_unaligned(b);
-                        dst.add(o + 2 * STREAM).cast::<u64>().write_unaligned(d);
-                    }
-                    (a, b, d)
-                };
-                r0 = _mm_crc32_u64(r0, a);
-                r1 = _mm_crc32_u64(r1, b);
-                r2 = _mm_crc32_u64(r2, d);
-            }
-            // SAFETY: this function's target features are those `shift` needs.
-            r0 = unsafe { shift(shift(r0) ^ r1) } ^ r2;
+        let r = u64::from(!crc);
+        // SAFETY: the caller's contract covers `len` bytes from the start.
+        let (r, d1) = unsafe { streams::<COPY, LONG>(src, dst, len, r) };
+        // SAFETY: the first pass did `d1 <= len` bytes; this one covers at most the rest.
+        let (r, d2) =
+            unsafe { streams::<COPY, MEDIUM>(src.add(d1), dst.wrapping_add(d1), len - d1, r) };
+        let done = d1 + d2;
+        // SAFETY: as above, from `done <= len`.
+        let (mut r, d3) =
+            unsafe { streams::<COPY, SHORT>(src.add(done), dst.wrapping_add(done), len - done, r) };
+        let mut done = done + d3;
+        while done + 8 <= len {
+            // SAFETY: `done + 8 <= len`: the word lies inside both regions.
+            let w = unsafe {
+                let w = src.add(done).cast::<u64>().read_unaligned();
+                if COPY {
+                    dst.add(done).cast::<u64>().write_unaligned(w);
+                }
+                w
+            };
+            r = _mm_crc32_u64(r, w);
+            done += 8;
         }
-        let done = chunks * CHUNK;
-        let rest = len - done;
-        // SAFETY: `done + rest == len`: the tail lies inside both regions, which do not
-        // overlap; then nobody else writes the copied tail of `dst`.
-        let tail = unsafe {
-            if COPY {
-                std::ptr::copy_nonoverlapping(src.add(done), dst.add(done), rest);
-                std::slice::from_raw_parts(dst.add(done).cast_const(), rest)
-            } else {
-                std::slice::from_raw_parts(src.add(done), rest)
-            }
-        };
-        crc32c::crc32c_append(!(r0 as u32), tail)
+        let mut r = r as u32;
+        while done < len {
+            // SAFETY: `done < len`: the byte lies inside both regions.
+            let b = unsafe {
+                let b = src.add(done).read();
+                if COPY {
+                    dst.add(done).write(b);
+                }
+                b
+            };
+            r = _mm_crc32_u8(r, b);
+            done += 1;
+        }
+        !r
     }
 }
 
