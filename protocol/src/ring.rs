@@ -634,9 +634,10 @@ impl Consumer {
     /// consumer.
     pub fn try_pop_with<R>(&mut self, f: impl FnOnce(RecordRef<'_>) -> R) -> Result<R, PopError> {
         let r = self.committed_slot()?;
-        // Copy into the buffer at the same offset within a page as the source: large copies
-        // between addresses that differ modulo 4096 run several times slower on some CPUs.
-        // The payload is 64-byte aligned, so the destination stays (at least) 8-byte aligned.
+        // Copy into the buffer at the same offset within a page as the source: copies whose
+        // destination lies a few bytes above the source modulo 4096 run several times slower
+        // on some CPUs (loads falsely wait on earlier stores), while equal offsets run at full
+        // speed. The payload is 64-byte aligned, so the destination stays 8-byte aligned.
         let base = self.buf.as_mut_ptr().cast::<u8>();
         let shift = (r.payload as usize).wrapping_sub(base as usize) % PAGE;
         // SAFETY: `shift < PAGE` and `buf` holds slot_size + PAGE bytes, so `base + shift`
