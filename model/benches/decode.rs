@@ -4,6 +4,8 @@
 //! `cargo bench -p model --bench decode` (needs `tools/fetch-assets.sh model`).
 //! Env: `DECODE_TOKENS` (default 64) tokens per sequence, `DECODE_REPEATS` (default 3).
 
+#![allow(clippy::unwrap_used)]
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use model::candle_core;
 use model::*;

@@ -1,5 +1,7 @@
 //! Acceptance tests on the real SmolLM2-135M-Instruct weights.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -84,7 +86,7 @@ fn greedy_with_cache_equals_recompute() {
         max_new_tokens: 12,
         ..Default::default()
     };
-    let out = generate(&m.decoder, &[ids.clone()], &full(m), &cfg, None).unwrap();
+    let out = generate(&m.decoder, std::slice::from_ref(&ids), &full(m), &cfg, None).unwrap();
     let cached = &out.completions[0].tokens;
     let mut seq = ids.clone();
     for _ in 0..12 {
@@ -114,17 +116,16 @@ fn recorded_logprobs_equal_recomputed_and_padding_does_not_change_them() {
     let tok = &m.tokenizer;
     let long = prompt_ids();
     let short = tok.encode("The capital of France is", false).unwrap();
-    let mut rng = 0;
-    for plan in [
+    let plans = [
         full(m),
         LayerPlan::skipping(&[3, 8, 12, 20, 25], 30).unwrap(),
-    ] {
-        rng += 1;
+    ];
+    for (seed, plan) in (1..).zip(plans) {
         let cfg = GenerationConfig {
             sampling: Sampling::temperature(0.8),
             max_new_tokens: 10,
             group_size: 2,
-            seed: rng,
+            seed,
             eos_token_ids: tok.eos_token_ids().to_vec(),
             stop_strings: vec![],
         };

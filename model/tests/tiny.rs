@@ -1,6 +1,8 @@
 //! Tests on tiny random configurations: finite differences (f64), Qwen2 parity against
 //! candle-transformers, and fused vs differentiable kernels.
 
+#![allow(clippy::unwrap_used)]
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use model::candle_core;
 use model::*;

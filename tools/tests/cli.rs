@@ -1,5 +1,7 @@
 //! The `nested-reft` binary, run as a user would, on the real default model.
 
+#![allow(clippy::unwrap_used)]
+
 use serde_json::Value;
 use std::process::{Command, Output};
 

@@ -1,5 +1,6 @@
 //! Shared fixtures: the real SmolLM2-135M-Instruct weights, loaded once per test binary.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)]
 
 use model::{load_model, LoadOptions, LoadedModel};
 use std::path::PathBuf;
