@@ -201,7 +201,7 @@ impl RolloutRing {
     pub fn create(dir: &Path, name: &str, desc: Descriptor) -> Result<Producer, OpenError> {
         let size = desc.validate()?;
         let seg = Segment::create(dir, name, EXT, size as u64)?;
-        take_role(&seg, PRODUCER_LOCK_BYTE, "producer")?;
+        Segment::take_role(&seg, PRODUCER_LOCK_BYTE, "producer")?;
         let fixed = RingHeaderFixed {
             magic: 0,
             layout_version: RING_LAYOUT_VERSION,
@@ -234,7 +234,7 @@ impl RolloutRing {
     /// generation and continues after the last committed record; uncommitted data is dropped.
     pub fn resume(dir: &Path, name: &str, desc: Descriptor) -> Result<Producer, OpenError> {
         let ring = Mapped::open(dir, name, &desc)?;
-        take_role(&ring.seg, PRODUCER_LOCK_BYTE, "producer")?;
+        Segment::take_role(&ring.seg, PRODUCER_LOCK_BYTE, "producer")?;
         // AcqRel: we own the role exclusively now; the consumer reads the generation Relaxed
         // for reporting only.
         let generation = ring.word(OFF_GENERATION).fetch_add(1, Ordering::AcqRel) + 1;
@@ -258,7 +258,7 @@ impl RolloutRing {
     /// Opens an existing ring as its consumer.
     pub fn open(dir: &Path, name: &str, desc: Descriptor) -> Result<Consumer, OpenError> {
         let ring = Mapped::open(dir, name, &desc)?;
-        take_role(&ring.seg, CONSUMER_LOCK_BYTE, "consumer")?;
+        Segment::take_role(&ring.seg, CONSUMER_LOCK_BYTE, "consumer")?;
         // Acquire pairs with the consumer_release of a previous consumer of this ring.
         let tail = ring.tail().load(Ordering::Acquire);
         // One page of slack lets every copy-out start at the payload's offset within a page
@@ -275,20 +275,6 @@ impl RolloutRing {
     /// Removes the segment file (mappings stay valid until their handles drop).
     pub fn remove(dir: &Path, name: &str) -> std::io::Result<()> {
         std::fs::remove_file(dir.join(format!("{name}.{EXT}")))
-    }
-}
-
-fn take_role(seg: &Segment, byte: u64, role: &'static str) -> Result<(), OpenError> {
-    match seg.try_lock_byte(byte) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(OpenError::RoleTaken {
-            role,
-            path: seg.path().to_owned(),
-        }),
-        Err(source) => Err(OpenError::Lock {
-            path: seg.path().to_owned(),
-            source,
-        }),
     }
 }
 

@@ -91,6 +91,22 @@ fn io_err<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> S
 }
 
 impl Segment {
+    /// Takes the process-lifetime lock on `byte` that marks `role` (producer, consumer,
+    /// writer, …) as held; the kernel releases it when the holder dies.
+    pub(crate) fn take_role(&self, byte: u64, role: &'static str) -> Result<(), crate::OpenError> {
+        match self.try_lock_byte(byte) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(crate::OpenError::RoleTaken {
+                role,
+                path: self.path().to_owned(),
+            }),
+            Err(source) => Err(crate::OpenError::Lock {
+                path: self.path().to_owned(),
+                source,
+            }),
+        }
+    }
+
     /// Creates `dir/name.ext` with `O_CREAT | O_EXCL`, mode 0600, zero-filled, of `len` bytes.
     pub(crate) fn create(
         dir: &Path,

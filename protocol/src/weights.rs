@@ -150,7 +150,7 @@ impl WeightStore {
         let size = segment_size(slots, stride)
             .ok_or_else(|| OpenError::InvalidLayout("segment size overflows".into()))?;
         let seg = Segment::create(dir, name, EXT, size as u64)?;
-        take_role(&seg, WRITER_LOCK_BYTE, "writer")?;
+        Segment::take_role(&seg, WRITER_LOCK_BYTE, "writer")?;
         let fixed = WeightsHeaderFixed {
             magic: 0,
             layout_version: WEIGHTS_LAYOUT_VERSION,
@@ -180,7 +180,7 @@ impl WeightStore {
     /// Re-attaches a restarted writer; the last complete version stays published.
     pub fn resume(dir: &Path, name: &str, manifest: &Manifest) -> Result<Writer, OpenError> {
         let store = Mapped::open(dir, name, manifest)?;
-        take_role(&store.seg, WRITER_LOCK_BYTE, "writer")?;
+        Segment::take_role(&store.seg, WRITER_LOCK_BYTE, "writer")?;
         // AcqRel: role is exclusive now; readers read it only for reporting.
         let generation = store.word(OFF_GENERATION).fetch_add(1, Ordering::AcqRel) + 1;
         Ok(Writer {
@@ -219,20 +219,6 @@ impl WeightStore {
     /// Removes the segment file.
     pub fn remove(dir: &Path, name: &str) -> std::io::Result<()> {
         std::fs::remove_file(dir.join(format!("{name}.{EXT}")))
-    }
-}
-
-fn take_role(seg: &Segment, byte: u64, role: &'static str) -> Result<(), OpenError> {
-    match seg.try_lock_byte(byte) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(OpenError::RoleTaken {
-            role,
-            path: seg.path().to_owned(),
-        }),
-        Err(source) => Err(OpenError::Lock {
-            path: seg.path().to_owned(),
-            source,
-        }),
     }
 }
 
