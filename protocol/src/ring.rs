@@ -18,7 +18,7 @@ use crate::crc::{copy_with_crc, crc32c_append};
 use crate::error::{CorruptReason, HeaderError, OpenError, PopError, PushError};
 use crate::record::{decode_record, Limits, RecordRef, RecordView, RolloutRecord};
 use crate::ring_core;
-use crate::segment::{monotonic_ns, Backoff, Segment, SegmentError};
+use crate::segment::{monotonic_ns, read_header, Backoff, Segment, SegmentError, SegmentHeader};
 use crate::sync::{atomic_u64_at, AtomicU64, Ordering};
 
 /// Magic of a ring segment ("NRFTRING").
@@ -107,36 +107,20 @@ struct RingHeaderFixed {
 const FIXED_BYTES: usize = std::mem::size_of::<RingHeaderFixed>();
 const _: () = assert!(FIXED_BYTES == 40);
 
+// SAFETY: `#[repr(C)]` with integer (and integer-array) fields only.
+unsafe impl SegmentHeader for RingHeaderFixed {
+    fn magic_and_version(&self) -> (u64, u32) {
+        (self.magic, self.layout_version)
+    }
+}
+
 /// Parses and checks a ring header from `bytes` (the start of a segment). With `expected`,
 /// every descriptor field must match; the error names the first that does not.
 pub fn parse_ring_header(
     bytes: &[u8],
     expected: Option<&Descriptor>,
 ) -> Result<Descriptor, HeaderError> {
-    if bytes.len() < FIXED_BYTES {
-        return Err(HeaderError::Truncated {
-            needed: FIXED_BYTES,
-            found: bytes.len(),
-        });
-    }
-    // SAFETY: FIXED_BYTES bytes are readable; read_unaligned has no alignment requirement and
-    // every bit pattern is a valid RingHeaderFixed (integers only).
-    let h: RingHeaderFixed = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    if h.magic == 0 {
-        return Err(HeaderError::NotInitialised);
-    }
-    if h.magic != RING_MAGIC {
-        return Err(HeaderError::BadMagic {
-            expected: RING_MAGIC,
-            found: h.magic,
-        });
-    }
-    if h.layout_version != RING_LAYOUT_VERSION {
-        return Err(HeaderError::BadVersion {
-            expected: RING_LAYOUT_VERSION,
-            found: h.layout_version,
-        });
-    }
+    let h: RingHeaderFixed = read_header(bytes, RING_MAGIC, RING_LAYOUT_VERSION)?;
     let found = Descriptor {
         capacity: h.capacity,
         limits: Limits {

@@ -16,6 +16,54 @@ use memmap2::MmapRaw;
 #[cfg(not(target_endian = "little"))]
 compile_error!("the shared-memory layouts are defined for little-endian hosts only");
 
+/// Marker for the fixed headers stored at the start of a segment.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]` and hold only integers and arrays of integers: no pointers,
+/// references, `bool`s, enums or other types with invalid bit patterns. So every byte pattern
+/// of `size_of::<Self>()` bytes, written by any process, is a valid value.
+pub(crate) unsafe trait SegmentHeader: Copy {
+    /// The header's magic and layout version.
+    fn magic_and_version(&self) -> (u64, u32);
+}
+
+/// Reads the fixed header `H` from the start of `bytes` and checks its magic (0 means its
+/// creator has not published it yet) and its layout version.
+pub(crate) fn read_header<H: SegmentHeader>(
+    bytes: &[u8],
+    magic: u64,
+    version: u32,
+) -> Result<H, crate::HeaderError> {
+    use crate::HeaderError;
+    let needed = std::mem::size_of::<H>();
+    if bytes.len() < needed {
+        return Err(HeaderError::Truncated {
+            needed,
+            found: bytes.len(),
+        });
+    }
+    // SAFETY: `needed` bytes are readable; read_unaligned has no alignment requirement; and
+    // `SegmentHeader` guarantees every bit pattern is a valid `H`.
+    let h: H = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let (found_magic, found_version) = h.magic_and_version();
+    if found_magic == 0 {
+        return Err(HeaderError::NotInitialised);
+    }
+    if found_magic != magic {
+        return Err(HeaderError::BadMagic {
+            expected: magic,
+            found: found_magic,
+        });
+    }
+    if found_version != version {
+        return Err(HeaderError::BadVersion {
+            expected: version,
+            found: found_version,
+        });
+    }
+    Ok(h)
+}
+
 /// The directory segments live in when none is given: `$XDG_RUNTIME_DIR`, else `/dev/shm`.
 pub fn default_runtime_dir() -> PathBuf {
     std::env::var_os("XDG_RUNTIME_DIR")

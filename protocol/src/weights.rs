@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{HeaderError, OpenError, PinError, PublishError, PublishSlotError};
 use crate::manifest::{to_hex, DType, Manifest};
-use crate::segment::{Backoff, Segment, SegmentError};
+use crate::segment::{read_header, Backoff, Segment, SegmentError, SegmentHeader};
 use crate::sync::{atomic_u64_at, AtomicU64, Ordering};
 
 /// Magic of a weight-store segment ("NRFTWGHT").
@@ -53,6 +53,13 @@ struct WeightsHeaderFixed {
 const FIXED_BYTES: usize = std::mem::size_of::<WeightsHeaderFixed>();
 const _: () = assert!(FIXED_BYTES == 64);
 
+// SAFETY: `#[repr(C)]` with integer (and integer-array) fields only.
+unsafe impl SegmentHeader for WeightsHeaderFixed {
+    fn magic_and_version(&self) -> (u64, u32) {
+        (self.magic, self.layout_version)
+    }
+}
+
 /// What a weight-store header declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WeightsHeader {
@@ -72,30 +79,7 @@ fn stride_for(data_size: u64) -> Option<u64> {
 
 /// Parses and checks a weight-store header from the start of a segment.
 pub fn parse_weights_header(bytes: &[u8]) -> Result<WeightsHeader, HeaderError> {
-    if bytes.len() < FIXED_BYTES {
-        return Err(HeaderError::Truncated {
-            needed: FIXED_BYTES,
-            found: bytes.len(),
-        });
-    }
-    // SAFETY: FIXED_BYTES bytes are readable; read_unaligned has no alignment requirement and
-    // any bit pattern is a valid WeightsHeaderFixed (integers and bytes).
-    let h: WeightsHeaderFixed = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    if h.magic == 0 {
-        return Err(HeaderError::NotInitialised);
-    }
-    if h.magic != WEIGHTS_MAGIC {
-        return Err(HeaderError::BadMagic {
-            expected: WEIGHTS_MAGIC,
-            found: h.magic,
-        });
-    }
-    if h.layout_version != WEIGHTS_LAYOUT_VERSION {
-        return Err(HeaderError::BadVersion {
-            expected: WEIGHTS_LAYOUT_VERSION,
-            found: h.layout_version,
-        });
-    }
+    let h: WeightsHeaderFixed = read_header(bytes, WEIGHTS_MAGIC, WEIGHTS_LAYOUT_VERSION)?;
     if !(2..=MAX_SLOTS).contains(&h.slots) {
         return Err(HeaderError::Descriptor {
             field: "slots",
