@@ -318,7 +318,7 @@ impl Decoder {
         let device = embed_tokens.device().clone();
         let dtype = embed_tokens.dtype();
         let (rope_cos, rope_sin) = rope_tables(&cfg, dtype, &device)?;
-        Ok(Self {
+        let mut model = Self {
             cfg,
             embed_tokens,
             layers,
@@ -329,7 +329,16 @@ impl Decoder {
             vars,
             device,
             dtype,
-        })
+        };
+        // Variables come out in construction order; keep them in the one canonical order.
+        let order: std::collections::HashMap<String, usize> = model
+            .named_parameters()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, _))| (name, i))
+            .collect();
+        model.vars.sort_by_key(|(name, _)| order.get(name).copied());
+        Ok(model)
     }
 
     /// The validated configuration.
@@ -347,7 +356,8 @@ impl Decoder {
         self.dtype
     }
 
-    /// The trainable parameters in canonical order (empty unless built with `trainable`).
+    /// The trainable parameters, in the order of [`Decoder::named_parameters`] (empty unless
+    /// built with `trainable`).
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
     }

@@ -52,6 +52,13 @@ fn gradients_match_finite_differences() {
         .unwrap();
         let l = loss(&m, &coeffs);
         let grads = l.backward().unwrap();
+        let names: Vec<&str> = m.vars().iter().map(|(n, _)| n.as_str()).collect();
+        let params = m.named_parameters();
+        let param_names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names, param_names,
+            "vars follow the canonical parameter order"
+        );
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let eps = 1e-5;
         for (name, var) in m.vars() {
