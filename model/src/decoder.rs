@@ -125,6 +125,14 @@ impl ForwardCtx {
 
     /// Keeps only the given batch rows of the cache and padding.
     pub fn select_rows(&mut self, rows: &[usize], device: &Device) -> Result<()> {
+        if let (Some(pads), Some(&bad)) = (&self.left_pad, rows.iter().max()) {
+            if bad >= pads.len() {
+                return Err(ModelError::InvalidInput(format!(
+                    "row {bad} is outside the batch of {}",
+                    pads.len()
+                )));
+            }
+        }
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx = Tensor::from_vec(idx, rows.len(), device)?;
         if let Some(cache) = &mut self.cache {

@@ -109,9 +109,12 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<(ModelConfig, Weight
         .ok_or_else(|| ModelError::MissingWeight("token_embd.weight".into()))?;
     let cfg = ModelConfig {
         architecture,
-        vocab_size: num("vocab_size")
-            .map(|v| v as usize)
-            .unwrap_or(embed_dims[0]),
+        vocab_size: match num("vocab_size") {
+            Some(v) => v as usize,
+            None => *embed_dims.first().ok_or_else(|| {
+                ModelError::malformed("GGUF tensor", path, "token_embd.weight has no dimensions")
+            })?,
+        },
         hidden_size: hidden,
         intermediate_size: need("feed_forward_length")?,
         num_layers: need("block_count")?,

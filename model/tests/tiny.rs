@@ -200,6 +200,9 @@ fn cached_decoding_equals_full_forward_with_padding() {
         let x = Tensor::new(&[[t], [t]], &Device::Cpu).unwrap();
         last = m.forward(&x, &mut ctx).unwrap().i((.., 0)).unwrap();
     }
+    // Selecting a row outside the batch is an error, not a panic.
+    let err = ctx.select_rows(&[0, 2], &Device::Cpu).unwrap_err();
+    assert!(matches!(err, ModelError::InvalidInput(_)), "{err}");
 }
 
 #[test]
