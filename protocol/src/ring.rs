@@ -287,21 +287,7 @@ impl Mapped {
             path: seg.path().to_owned(),
             source,
         };
-        if seg.len() < SLOTS_OFFSET {
-            return Err(header_err(HeaderError::Truncated {
-                needed: SLOTS_OFFSET,
-                found: seg.len(),
-            }));
-        }
-        // SAFETY: the mapping is at least SLOTS_OFFSET bytes and page aligned.
-        let magic = unsafe { atomic_u64_at(seg.ptr().cast()) };
-        // Acquire pairs with the Release store of the magic in `create`.
-        if magic.load(Ordering::Acquire) == 0 {
-            return Err(header_err(HeaderError::NotInitialised));
-        }
-        let mut fixed = [0u8; FIXED_BYTES];
-        // SAFETY: the fixed prefix is immutable once the magic is published (seen above).
-        unsafe { std::ptr::copy_nonoverlapping(seg.ptr(), fixed.as_mut_ptr(), FIXED_BYTES) };
+        let fixed: [u8; FIXED_BYTES] = seg.published_prefix(SLOTS_OFFSET).map_err(header_err)?;
         parse_ring_header(&fixed, Some(desc)).map_err(header_err)?;
         if seg.len() != size {
             return Err(SegmentError::WrongSize {

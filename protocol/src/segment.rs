@@ -139,6 +139,35 @@ fn io_err<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> S
 }
 
 impl Segment {
+    /// Copies the first `N` bytes of a published header: the segment must be at least
+    /// `min_len` bytes long and its magic word (the first 8 bytes, stored last by the creator)
+    /// non-zero. `N` must not exceed `min_len`.
+    pub(crate) fn published_prefix<const N: usize>(
+        &self,
+        min_len: usize,
+    ) -> Result<[u8; N], crate::HeaderError> {
+        use crate::sync::{atomic_u64_at, Ordering};
+        let min_len = min_len.max(N).max(8);
+        if self.len() < min_len {
+            return Err(crate::HeaderError::Truncated {
+                needed: min_len,
+                found: self.len(),
+            });
+        }
+        // SAFETY: the mapping is at least 8 bytes and page aligned; creators and openers only
+        // access the magic word atomically.
+        let magic = unsafe { atomic_u64_at(self.ptr().cast()) };
+        // Acquire pairs with the Release store of the magic in the creator's `create`.
+        if magic.load(Ordering::Acquire) == 0 {
+            return Err(crate::HeaderError::NotInitialised);
+        }
+        let mut fixed = [0u8; N];
+        // SAFETY: `N <= len` bytes are readable, and the fixed prefix is immutable once the
+        // magic is published (seen above); `fixed` is a distinct local buffer.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr(), fixed.as_mut_ptr(), N) };
+        Ok(fixed)
+    }
+
     /// Takes the process-lifetime lock on `byte` that marks `role` (producer, consumer,
     /// writer, …) as held; the kernel releases it when the holder dies.
     pub(crate) fn take_role(&self, byte: u64, role: &'static str) -> Result<(), crate::OpenError> {

@@ -221,21 +221,7 @@ impl Mapped {
             path: seg.path().to_owned(),
             source,
         };
-        if seg.len() < DATA_OFFSET {
-            return Err(header_err(HeaderError::Truncated {
-                needed: DATA_OFFSET,
-                found: seg.len(),
-            }));
-        }
-        // SAFETY: the mapping is ≥ DATA_OFFSET bytes and page aligned.
-        let magic = unsafe { atomic_u64_at(seg.ptr().cast()) };
-        // Acquire pairs with the Release store of the magic in `create`.
-        if magic.load(Ordering::Acquire) == 0 {
-            return Err(header_err(HeaderError::NotInitialised));
-        }
-        let mut fixed = [0u8; FIXED_BYTES];
-        // SAFETY: the fixed prefix is immutable once the magic is published.
-        unsafe { std::ptr::copy_nonoverlapping(seg.ptr(), fixed.as_mut_ptr(), FIXED_BYTES) };
+        let fixed: [u8; FIXED_BYTES] = seg.published_prefix(DATA_OFFSET).map_err(header_err)?;
         let h = parse_weights_header(&fixed).map_err(header_err)?;
         if h.manifest_hash != manifest.hash() {
             return Err(OpenError::ManifestMismatch {
