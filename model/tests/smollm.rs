@@ -53,10 +53,7 @@ fn full_plan_logits_match_candle_transformers_llama() {
     let (reference, ref_cfg) = common::reference_llama(&cfg, weights);
     let mut cache = reference::Cache::new(false, DType::F32, &ref_cfg, &Device::Cpu).unwrap();
     let ids = prompt_ids();
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let x = common::row(&ids);
     let expected = reference.forward(&x, 0, &mut cache).unwrap(); // (1, vocab), last position
     let mut ctx = ForwardCtx::new(full(m));
     let ours = m.decoder.forward(&x, &mut ctx).unwrap();
@@ -90,10 +87,7 @@ fn greedy_with_cache_equals_recompute() {
     let cached = &out.completions[0].tokens;
     let mut seq = ids.clone();
     for _ in 0..12 {
-        let x = Tensor::new(seq.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let x = common::row(&seq);
         let logits = m
             .decoder
             .forward(&x, &mut ForwardCtx::new(full(m)))
@@ -172,10 +166,7 @@ fn recorded_logprobs_equal_recomputed_and_padding_does_not_change_them() {
 fn nested_plan_runs_fewer_layers_and_changes_logits() {
     let m = smollm();
     let ids = prompt_ids();
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let x = common::row(&ids);
     let mut ctx_full = ForwardCtx::new(full(m));
     let full_logits = m.decoder.forward(&x, &mut ctx_full).unwrap();
     assert_eq!(ctx_full.layers_run(), 30);
@@ -305,10 +296,7 @@ fn hf_directory_round_trip_gives_identical_logits() {
     let ids = back.tokenizer.encode(text, false).unwrap();
     assert_eq!(ids, m.tokenizer.encode(text, false).unwrap());
     assert_eq!(back.tokenizer.chat_template(), m.tokenizer.chat_template());
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let x = common::row(&ids);
     let a = m
         .decoder
         .forward(&x, &mut ForwardCtx::new(full(m)))

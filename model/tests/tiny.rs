@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use model::candle_core;
 use model::*;
@@ -99,14 +101,7 @@ fn fused_and_differentiable_kernels_agree() {
             &mut ForwardCtx::new(plan).with_kernels(Kernels::Differentiable),
         )
         .unwrap();
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = common::max_abs_diff(&a, &b);
     assert!(d < 1e-5, "{d}");
 }
 
@@ -131,24 +126,14 @@ fn qwen2_logits_match_candle_transformers() {
     let vb = candle_nn::VarBuilder::from_tensors(weights.into_inner(), DType::F32, &Device::Cpu);
     let mut reference = qwen2::ModelForCausalLM::new(&ref_cfg, vb).unwrap();
     let ids: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 50).collect();
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let x = common::row(&ids);
     let expected = reference.forward(&x, 0).unwrap().i((0, 0)).unwrap();
     let got = ours
         .forward(&x, &mut ForwardCtx::new(LayerPlan::full(4)))
         .unwrap()
         .i((0, 19))
         .unwrap();
-    let d = (got - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = common::max_abs_diff(&got, &expected);
     assert!(d < 1e-4, "max |Δ| = {d}");
 }
 
@@ -174,24 +159,14 @@ fn cached_decoding_equals_full_forward_with_padding() {
     let mut full: Vec<Vec<u32>> = seqs.to_vec();
     for &t in &steps {
         for (i, s) in full.iter().enumerate() {
-            let alone = Tensor::new(s.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
+            let alone = common::row(s);
             let want = m
                 .forward(&alone, &mut ForwardCtx::new(plan.clone()))
                 .unwrap()
                 .i((0, s.len() - 1))
                 .unwrap();
             let got = last.i(i).unwrap();
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = common::max_abs_diff(&got, &want);
             assert!(d < 1e-4, "row {i}, len {}: {d}", s.len());
         }
         for s in &mut full {

@@ -70,3 +70,10 @@ pub fn reference_llama(
     let llama = reference::Llama::load(vb, &ref_cfg).expect("load the reference llama");
     (llama, ref_cfg)
 }
+
+/// A batch of one sequence, (1, n).
+pub fn row(ids: &[u32]) -> model::candle_core::Tensor {
+    model::candle_core::Tensor::new(ids, &model::candle_core::Device::Cpu)
+        .and_then(|t| t.unsqueeze(0))
+        .expect("token row")
+}
