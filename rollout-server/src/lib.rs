@@ -1,1 +1,3 @@
 //! The rollout server: the generation loop.
+
+pub mod dataset;
