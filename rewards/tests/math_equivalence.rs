@@ -56,7 +56,8 @@ const GSM8K: &[(&str, &str, bool)] = &[
     ("14400", "14400.0", true),
     ("20.", "20", true),
     ("**20**", "20", true),
-    ("twenty", "20", false),
+    // Number words in the final answer read as numbers.
+    ("twenty", "20", true),
     ("1.5 hours", "1.5", true),
     ("1.5 hours", "90", false),
     ("3 1/2 cups", "3.5", true),
@@ -164,7 +165,8 @@ const MATH: &[(&str, &str, bool)] = &[
     ("1{,}000", "1000", true),
     ("\\!5", "5", true),
     ("", "5", false),
-    ("5", "five", false),
+    ("5", "five", true),
+    ("5", "six", false),
 ];
 
 /// SVAMP style: float references, short prose answers.

@@ -6,6 +6,7 @@ use regex::Regex;
 
 use super::extract::matching_brace;
 use super::number::Num;
+use super::words;
 
 /// A parsed answer.
 #[derive(Debug, Clone)]
@@ -46,6 +47,7 @@ static SCALAR: LazyLock<Regex> = LazyLock::new(|| {
         r"^([-+])?\s*((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d+)?))?(?:[eE]([-+]?\d+)|\s*(?:\\times|\\cdot|×|\*|x)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?)?(\s*%)?",
     )
 });
+static REPEATING: LazyLock<Regex> = LazyLock::new(|| re(r"(\d*)\.(\d*)\\overline\s*\{(\d+)\}"));
 static UNIT_POWER: LazyLock<Regex> = LazyLock::new(|| re(r"\^\s*\{?\d\}?"));
 
 /// Replaces every `\cmd{...}` (for the given commands) by ` ...` (its content).
@@ -65,8 +67,14 @@ fn unwrap_commands(s: &str, cmds: &[&str], max_len: usize) -> String {
     out
 }
 
-/// LaTeX and prose clean-up shared by every answer.
+/// LaTeX and prose clean-up shared by every answer; a leading `x =` is dropped.
 pub(crate) fn clean(raw: &str, max_len: usize) -> String {
+    clean_with(raw, max_len, true)
+}
+
+/// The clean-up of [`clean`], keeping relations (`y = 2x + 1`) whole when `strip_assign` is
+/// false.
+pub(crate) fn clean_with(raw: &str, max_len: usize, strip_assign: bool) -> String {
     let raw = raw.trim();
     // Fast path: a plain number needs none of the LaTeX clean-up below.
     if raw
@@ -112,7 +120,10 @@ pub(crate) fn clean(raw: &str, max_len: usize) -> String {
     s = FRAC_SHORT.replace_all(&s, "\\frac{$1}{$2}").into_owned();
     s = SQRT_SHORT.replace_all(&s, "\\sqrt{$1}").into_owned();
     let mut t = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if let Some(m) = ASSIGN.find(&t) {
+    if t.contains("\\overline") {
+        t = repeating_decimals(&t);
+    }
+    if let Some(m) = ASSIGN.find(&t).filter(|_| strip_assign) {
         if m.end() < t.len() {
             t = t[m.end()..].to_string();
         }
@@ -121,6 +132,32 @@ pub(crate) fn clean(raw: &str, max_len: usize) -> String {
         .trim_end_matches(['.', ',', ';', ':', '*', '!'])
         .trim()
         .to_string()
+}
+
+/// `0.1\overline{6}` → `\frac{1}{6}` (at most 30 digits; longer ones are left alone).
+fn repeating_decimals(s: &str) -> String {
+    REPEATING
+        .replace_all(s, |c: &regex::Captures<'_>| {
+            let whole = c.get(0).map_or("", |m| m.as_str()).to_string();
+            let group = |i: usize| c.get(i).map_or("", |m| m.as_str());
+            let (int, fixed, rep) = (group(1), group(2), group(3));
+            if int.len() + fixed.len() + rep.len() > 30 {
+                return whole;
+            }
+            let exact = (|| {
+                let all: i128 = format!("0{int}{fixed}{rep}").parse().ok()?;
+                let head: i128 = format!("0{int}{fixed}").parse().ok()?;
+                let nines = 10i128.checked_pow(u32::try_from(rep.len()).ok()?)? - 1;
+                let den =
+                    nines.checked_mul(10i128.checked_pow(u32::try_from(fixed.len()).ok()?)?)?;
+                match Num::ratio(all - head, den)? {
+                    Num::Exact { num, den } => Some(format!("\\frac{{{num}}}{{{den}}}")),
+                    Num::Approx(_) => None,
+                }
+            })();
+            exact.unwrap_or(whole)
+        })
+        .into_owned()
 }
 
 /// Parses a cleaned answer.
@@ -215,7 +252,14 @@ fn parse_scalar(s: &str) -> Option<Value> {
     if body.starts_with('-') || body.starts_with('+') {
         return None;
     }
-    let (value, percent) = parse_unsigned(body)?;
+    let (value, percent) = match parse_unsigned(body) {
+        Some(v) => v,
+        None if body.starts_with(|c: char| c.is_ascii_alphabetic()) => {
+            let (n, rest) = words::parse_words(body)?;
+            (unit_only(rest) || rest.trim().is_empty()).then_some((n, false))?
+        }
+        None => return None,
+    };
     let value = if neg { value.neg() } else { value };
     Some(Value::Number { value, percent })
 }
@@ -240,7 +284,19 @@ fn parse_unsigned(body: &str) -> Option<(Num, bool)> {
         value = value.mul(Num::pow10(e));
     }
     let percent = caps.get(6).is_some();
-    let rest = &body[whole.end()..];
+    let mut rest = &body[whole.end()..];
+    // `2x`, `3y^2`: a letter right after the number is a variable, not a unit.
+    let mut letters = rest.chars().take_while(char::is_ascii_alphabetic);
+    if letters.next().is_some() && letters.next().is_none() {
+        return None;
+    }
+    // `1.2 million`.
+    if !percent && caps.get(4).is_none() && caps.get(5).is_none() {
+        if let Some((scale, after)) = words::scale_prefix(rest) {
+            value = value.mul(Num::int(scale));
+            rest = after;
+        }
+    }
     // Mixed number: an integer followed by a proper fraction.
     if caps.get(3).is_none() && caps.get(4).is_none() && caps.get(5).is_none() && !percent {
         let r = rest.trim_start();
