@@ -83,7 +83,16 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
             while i < b.len() && b[i].is_ascii_alphabetic() {
                 i += 1;
             }
-            out.push(Tok::Ident(s[start..i].to_string()));
+            let word = &s[start..i];
+            if NAMES.contains(&word) {
+                out.push(Tok::Ident(word.to_string()));
+            } else if word.len() <= 2 {
+                // `xy`, `ab`: single-letter variables multiplied; a longer unknown word is
+                // prose, not an expression.
+                out.extend(word.chars().map(|c| Tok::Ident(c.to_string())));
+            } else {
+                return None;
+            }
         } else if c == b'\\' {
             let start = i + 1;
             i += 1;
@@ -129,6 +138,12 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
     }
     Some(out)
 }
+
+/// Letter runs read as one name.
+const NAMES: &[&str] = &[
+    "pi", "inf", "infty", "infinity", "sqrt", "log", "ln", "exp", "sin", "cos", "tan", "sec",
+    "csc", "cot", "arcsin", "arccos", "arctan",
+];
 
 /// Parses a cleaned expression; `names` interns variable names across both sides.
 pub(crate) fn parse_expr(s: &str, names: &mut Vec<String>) -> Option<Expr> {
@@ -399,7 +414,7 @@ impl Parser<'_> {
                     self.primary()
                 }
             }
-            Tok::Ident(id) if id.len() > 1 => {
+            Tok::Ident(id) if id.len() > 1 && !NAMES.contains(&id.as_str()) => {
                 self.toks[self.pos] = Tok::Ident(id[1..].to_string());
                 self.var(&id[..1])
             }

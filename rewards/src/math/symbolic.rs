@@ -158,7 +158,7 @@ fn structure(s: &str, names: &mut Vec<String>, depth: usize) -> Option<Node> {
         let (open, close) = (format!("\\begin{{{env}}}"), format!("\\end{{{env}}}"));
         if let Some(inner) = s.strip_prefix(&open).and_then(|r| r.strip_suffix(&close)) {
             let rows: Vec<&str> = inner
-                .split("\\\\")
+                .split("\\cr")
                 .map(str::trim)
                 .filter(|r| !r.is_empty())
                 .collect();
@@ -452,7 +452,7 @@ mod tests {
         assert_eq!(eq("(1,\\sqrt{12})", "(1,2\\sqrt3)"), Some(true));
         assert_eq!(eq("\\{1,\\sqrt2\\}", "\\{\\sqrt2,1\\}"), Some(true));
         assert_eq!(
-            eq("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)"),
+            eq("\\begin{pmatrix}1\\cr 2\\end{pmatrix}", "(1,2)"),
             Some(true)
         );
         assert_eq!(eq("1\\pm\\sqrt2", "1+\\sqrt2,1-\\sqrt2"), Some(true));

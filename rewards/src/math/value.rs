@@ -101,6 +101,10 @@ pub(crate) fn clean_with(raw: &str, max_len: usize, strip_assign: bool) -> Strin
         .replace('∞', "inf")
         .replace("\\displaystyle", "");
     s = SIZING.replace_all(&s, "$1").into_owned();
+    // Matrix row ends (`\\`) become `\cr` so that spacing commands cannot eat them.
+    if s.contains("\\\\") {
+        s = s.replace("\\\\", " \\cr ");
+    }
     s = SPACING.replace_all(&s, "").into_owned();
     s = DEGREES.replace_all(&s, "").into_owned();
     s = unwrap_commands(
