@@ -45,6 +45,10 @@ pub(crate) fn offset_in(outer: &str, inner: &str) -> Option<usize> {
 /// Where the text after an answer retracts it: the end of the last retraction phrase, when
 /// nothing confirms the answer after it.
 pub(crate) fn retraction(after: &str) -> Option<usize> {
+    // The shortest phrase is `oops`; most answers end the text or a sentence.
+    if after.trim().len() < 4 {
+        return None;
+    }
     let m = RETRACTION.find_iter(after).last()?;
     (!CONFIRMATION.is_match(&after[m.end()..])).then_some(m.end())
 }
@@ -56,7 +60,7 @@ pub(crate) fn invented_question(t: &str) -> bool {
     };
     let rest = &t[pos..];
     let after_line = rest.find('\n').map_or("", |i| &rest[i..]);
-    NEW_QUESTION.is_match(after_line)
+    !after_line.trim().is_empty() && NEW_QUESTION.is_match(after_line)
 }
 
 /// The boxed answers offered together with the last one (`\boxed{3} or \boxed{4}`), last
@@ -67,10 +71,20 @@ pub(crate) fn boxed_alternatives<'a>(t: &'a str, last: &'a str, max_len: usize) 
         return out;
     };
     for _ in 0..8 {
+        // The command right before the content (`\boxed{`, `\fbox{`, `\boxed `).
         let head = &t[..content_start];
-        let Some(cmd) = head.rfind("\\boxed").max(head.rfind("\\fbox")) else {
+        let Some(cmd) = ["\\boxed{", "\\fbox{", "\\boxed "]
+            .iter()
+            .find_map(|k| head.strip_suffix(k).map(str::len))
+        else {
             break;
         };
+        // An alternative closes its box within a few bytes before this one.
+        let near = t[..cmd].trim_end_matches([' ', '$', ',', ';', '\\', 'q', 'u', 'a', 'd']);
+        let near_start = near.len().saturating_sub(40);
+        if !near.is_char_boundary(near_start) || !near[near_start..].contains('}') {
+            break;
+        }
         let before = &t[..cmd];
         let Some(prev) = last_boxed(before, max_len) else {
             break;
