@@ -58,7 +58,11 @@ impl Default for MathConfig {
 /// separators, currency and unit words, percent, signs, trailing zeros, decimals, fractions
 /// (`a/b`, `\frac`, `\dfrac`, `\tfrac`), mixed numbers, scientific notation, `\text{}`,
 /// `\left( \right)`, `$…$`, intervals and tuples. Numbers compare exactly as rationals when
-/// they fit, else within `rel_tol`. A completion without any answer scores 0 (it is not an
+/// they fit, else within `rel_tol`. Other answers are compared symbolically (expressions,
+/// radicals, relations, tuples, intervals, sets, matrices; see the crate README), with every
+/// step bounded. Retracted answers, side-by-side boxed alternatives, a `####` answer followed
+/// by an invented question and a right number in the wrong unit score 0. The deciding rule is
+/// in `details["equivalence"]`. A completion without any answer scores 0 (it is not an
 /// error); an empty reference is an error.
 #[derive(Debug, Clone, Default)]
 pub struct MathReward {
