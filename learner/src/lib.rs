@@ -1,1 +1,25 @@
-//! The learner: the training loop.
+//! The nested-reft learner: GRPO on the full-depth target with off-policy corrections for
+//! completions sampled by a nested behavior model.
+//!
+//! - [`prepare_batch`]: complete groups of [`protocol::RolloutRecord`]s → group-relative
+//!   advantages (groups with equal rewards are counted, not trained on).
+//! - [`Learner::step`]: target log-probs with the full plan and differentiable kernels in
+//!   micro-batches, the correction of [`Correction`], the loss with its [`Normalizer`],
+//!   accumulated backward, global-norm clipping, AdamW with a warmup/decay schedule. A
+//!   non-finite loss or gradient skips the step; too many in a row is an error.
+//! - The loss is `−Σ c · log π_θ(y_t)` with a stop-gradient coefficient per token
+//!   ([`token_loss`]), so the gradient does not depend on the micro-batch size.
+
+mod batch;
+mod config;
+mod correction;
+mod error;
+mod update;
+
+pub use batch::{group_advantages, prepare_batch, PreparedBatch, TrainSequence};
+pub use config::{
+    AdvantageConfig, Correction, Decay, Normalizer, OptimConfig, TisMode, UpdateConfig,
+};
+pub use correction::{sequence_weights, token_loss, SequenceWeights, TokenLoss, TokenTerms};
+pub use error::{LearnerError, Result};
+pub use update::{BatchGradient, Learner, StepStats};

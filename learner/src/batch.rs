@@ -1,0 +1,260 @@
+//! From groups of rollout records to the sequences one update trains on: checks, rewards
+//! statistics and group-relative advantages.
+
+use crate::config::{AdvantageConfig, UpdateConfig};
+use crate::error::{LearnerError, Result};
+use protocol::RolloutRecord;
+
+/// One completion ready for the update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSequence {
+    /// Prompt tokens (at least one).
+    pub prompt: Vec<u32>,
+    /// Completion tokens (at least one).
+    pub completion: Vec<u32>,
+    /// log μ(y_t) of each completion token under the behavior that sampled it.
+    pub behavior_logprobs: Vec<f32>,
+    /// The advantage A_i of the whole completion.
+    pub advantage: f64,
+}
+
+impl TrainSequence {
+    /// Prompt plus completion tokens.
+    pub fn len(&self) -> usize {
+        self.prompt.len() + self.completion.len()
+    }
+
+    /// Never true for a checked sequence (it has a prompt and a completion).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A batch after advantages: the sequences to train on and what was left out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PreparedBatch {
+    /// Sequences with a non-zero-information advantage (groups whose rewards differ).
+    pub sequences: Vec<TrainSequence>,
+    /// Groups in the batch.
+    pub groups: usize,
+    /// Groups whose rewards were all equal: zero advantage, not trained on.
+    pub uniform_groups: usize,
+    /// Completions with no tokens (nothing to train on; their reward still counts).
+    pub empty_completions: usize,
+    /// Completions whose reward function failed (their fallback reward is used).
+    pub failed_rewards: usize,
+    /// Mean reward over every completion of the batch.
+    pub reward_mean: f64,
+    /// Standard deviation of the reward over every completion of the batch.
+    pub reward_std: f64,
+    /// Fraction of completions whose reward reaches the configured threshold.
+    pub accuracy: f64,
+}
+
+impl PreparedBatch {
+    /// Completion tokens that will be trained on.
+    pub fn completion_tokens(&self) -> usize {
+        self.sequences.iter().map(|s| s.completion.len()).sum()
+    }
+}
+
+/// A_i = (R_i − mean R) / (std R + ε), or without the division ("Dr. GRPO"). The standard
+/// deviation is the unbiased one (n − 1), as GRPO implementations use; a group of one has
+/// advantage 0.
+pub fn group_advantages(rewards: &[f64], cfg: &AdvantageConfig) -> Vec<f64> {
+    let n = rewards.len();
+    if n < 2 {
+        return vec![0.0; n];
+    }
+    let mean = rewards.iter().sum::<f64>() / n as f64;
+    let var = rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let scale = if cfg.scale_by_std {
+        1.0 / (var.sqrt() + cfg.eps)
+    } else {
+        1.0
+    };
+    rewards.iter().map(|r| (r - mean) * scale).collect()
+}
+
+fn check_record(r: &RolloutRecord, cfg: &UpdateConfig) -> Result<()> {
+    if r.prompt.is_empty() {
+        return Err(LearnerError::InvalidBatch(format!(
+            "record of prompt {} (group {}) has an empty prompt",
+            r.prompt_id, r.group_id
+        )));
+    }
+    if r.logprobs.len() != r.completion.len() {
+        return Err(LearnerError::InvalidBatch(format!(
+            "record of group {} has {} completion tokens but {} behavior log-probs",
+            r.group_id,
+            r.completion.len(),
+            r.logprobs.len()
+        )));
+    }
+    let t = f64::from(r.sampling.temperature);
+    if (t - cfg.temperature).abs() > 1e-6 * cfg.temperature.max(1.0) {
+        return Err(LearnerError::InvalidBatch(format!(
+            "record of group {} was sampled at temperature {t}, but the learner scores the target \
+             at temperature {}: the importance ratios would be wrong",
+            r.group_id, cfg.temperature
+        )));
+    }
+    if !r.rewards.total.is_finite() {
+        return Err(LearnerError::InvalidBatch(format!(
+            "record of group {} has a non-finite reward {}",
+            r.group_id, r.rewards.total
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the groups (each the G completions of one prompt), computes reward statistics and
+/// group-relative advantages, and keeps the sequences worth training on.
+pub fn prepare_batch(groups: &[Vec<RolloutRecord>], cfg: &UpdateConfig) -> Result<PreparedBatch> {
+    if groups.is_empty() {
+        return Err(LearnerError::InvalidBatch("no groups".into()));
+    }
+    let mut out = PreparedBatch {
+        groups: groups.len(),
+        ..PreparedBatch::default()
+    };
+    let mut all = Vec::new();
+    for group in groups {
+        let Some(first) = group.first() else {
+            return Err(LearnerError::InvalidBatch("an empty group".into()));
+        };
+        if let Some(other) = group.iter().find(|r| r.group_id != first.group_id) {
+            return Err(LearnerError::InvalidBatch(format!(
+                "group {} contains a record of group {}",
+                first.group_id, other.group_id
+            )));
+        }
+        for r in group {
+            check_record(r, cfg)?;
+        }
+        let rewards: Vec<f64> = group.iter().map(|r| f64::from(r.rewards.total)).collect();
+        all.extend_from_slice(&rewards);
+        out.failed_rewards += group.iter().filter(|r| r.rewards.failed).count();
+        if rewards.iter().all(|&r| r == rewards[0]) {
+            out.uniform_groups += 1;
+            continue;
+        }
+        let adv = group_advantages(&rewards, &cfg.advantage);
+        for (r, a) in group.iter().zip(adv) {
+            if r.completion.is_empty() {
+                out.empty_completions += 1;
+                continue;
+            }
+            out.sequences.push(TrainSequence {
+                prompt: r.prompt.clone(),
+                completion: r.completion.clone(),
+                behavior_logprobs: r.logprobs.clone(),
+                advantage: a,
+            });
+        }
+    }
+    let n = all.len() as f64;
+    out.reward_mean = all.iter().sum::<f64>() / n;
+    out.reward_std = (all
+        .iter()
+        .map(|r| (r - out.reward_mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt();
+    out.accuracy = all.iter().filter(|&&r| r >= cfg.correct_threshold).count() as f64 / n;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::{FinishReason, Rewards, Sampling, Timings};
+
+    pub(crate) fn record(group: u64, reward: f32, completion: Vec<u32>) -> RolloutRecord {
+        RolloutRecord {
+            prompt_id: group,
+            group_id: group,
+            batch_id: 0,
+            policy_version: 0,
+            prompt: vec![1, 2],
+            logprobs: vec![-1.0; completion.len()],
+            completion,
+            plan: vec![0, 1],
+            sampling: Sampling {
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: 0,
+            },
+            rewards: Rewards {
+                components: [reward, 0.0, 0.0, 0.0],
+                n_components: 1,
+                total: reward,
+                failed: false,
+            },
+            finish: FinishReason::Eos,
+            timings: Timings::default(),
+        }
+    }
+
+    #[test]
+    fn advantages_are_group_normalised() {
+        let a = group_advantages(&[1.0, 0.0, 0.0, 1.0], &AdvantageConfig::default());
+        // mean 0.5, unbiased std sqrt(1/3)
+        let s = (1.0f64 / 3.0).sqrt();
+        for (x, want) in a.iter().zip([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s]) {
+            assert!((x - want).abs() < 1e-5, "{a:?}");
+        }
+        let dr = group_advantages(
+            &[1.0, 0.0, 0.0, 1.0],
+            &AdvantageConfig {
+                scale_by_std: false,
+                eps: 0.0,
+            },
+        );
+        assert_eq!(dr, vec![0.5, -0.5, -0.5, 0.5]);
+        assert_eq!(
+            group_advantages(&[3.0], &AdvantageConfig::default()),
+            vec![0.0]
+        );
+    }
+
+    #[test]
+    fn uniform_groups_are_counted_not_trained() {
+        let cfg = UpdateConfig::default();
+        let groups = vec![
+            vec![record(0, 1.0, vec![5, 6]), record(0, 1.0, vec![7])],
+            vec![record(1, 0.0, vec![5]), record(1, 1.0, vec![6, 6, 6])],
+        ];
+        let b = prepare_batch(&groups, &cfg).unwrap();
+        assert_eq!(b.groups, 2);
+        assert_eq!(b.uniform_groups, 1);
+        assert_eq!(b.sequences.len(), 2);
+        assert_eq!(b.completion_tokens(), 4);
+        assert_eq!(b.accuracy, 0.75);
+        assert_eq!(b.reward_mean, 0.75);
+    }
+
+    #[test]
+    fn inconsistent_records_are_refused() {
+        let cfg = UpdateConfig::default();
+        let mut r = record(0, 1.0, vec![5, 6]);
+        r.logprobs.pop();
+        let err = prepare_batch(&[vec![r, record(0, 0.0, vec![1])]], &cfg).unwrap_err();
+        assert!(err.to_string().contains("behavior log-probs"), "{err}");
+        let mut hot = record(0, 1.0, vec![5]);
+        hot.sampling.temperature = 0.7;
+        let err = prepare_batch(&[vec![hot]], &cfg).unwrap_err();
+        assert!(err.to_string().contains("temperature"), "{err}");
+        let err = prepare_batch(
+            &[vec![record(0, 1.0, vec![5]), record(1, 0.0, vec![5])]],
+            &cfg,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("contains a record of group 1"),
+            "{err}"
+        );
+        assert!(prepare_batch(&[], &cfg).is_err());
+    }
+}
