@@ -90,7 +90,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         sampling,
         max_new_tokens: args.max_new_tokens,
         group_size: args.num_samples,
-        seed: args.plan.seed,
+        seed: args.plan.seed(),
         eos_token_ids: m.tokenizer.eos_token_ids().to_vec(),
         stop_strings: args.stop.clone(),
     };

@@ -8,6 +8,7 @@ mod bench_ring;
 mod lm;
 mod modelargs;
 mod score;
+mod train;
 
 /// Reinforced fine-tuning with nested (layer-skipping) behavior models.
 #[derive(Debug, Parser)]
@@ -19,6 +20,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train with verifiable rewards: generate with the nested behavior, score, update the
+    /// full-depth target. With no arguments: the default model on built-in arithmetic.
+    Train(Box<train::TrainArgs>),
     /// Generate completions for a prompt or a chat message, under any layer plan.
     Generate(lm::GenerateArgs),
     /// Print per-token log-probs of a text (or a prompt + completion) under a layer plan, as JSON.
@@ -50,6 +54,7 @@ enum Bench {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Train(args) => train::run(*args),
         Command::Generate(args) => lm::generate(args),
         Command::Logprobs(args) => lm::logprobs(args),
         Command::Score(args) => score::run(args),

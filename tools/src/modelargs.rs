@@ -12,24 +12,34 @@ use std::time::Duration;
 pub struct ModelArgs {
     /// A GGUF file or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
     /// Default: SmolLM2-135M-Instruct, fetched into the asset cache on first use.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "NESTED_REFT_MODEL")]
     pub model: Option<PathBuf>,
 }
 
 impl ModelArgs {
     /// Loads the model (f32 on CPU) with a spinner.
     pub fn load(&self) -> Result<LoadedModel> {
-        let path = match &self.model {
-            Some(p) => p.clone(),
-            None => crate::assets::default_model()?,
-        };
+        self.load_with(&LoadOptions::default())
+    }
+
+    /// The model's path: the given one, else the default model (fetched when missing).
+    pub fn path(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => crate::assets::default_model(),
+        }
+    }
+
+    /// Loads the model with `opts` (e.g. trainable) with a spinner.
+    pub fn load_with(&self, opts: &LoadOptions) -> Result<LoadedModel> {
+        let path = self.path()?;
         let bar = ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
         bar.set_style(
             ProgressStyle::with_template("{spinner} {msg} {elapsed}")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         bar.enable_steady_tick(Duration::from_millis(120));
-        let loaded = model::load_model(&path, &LoadOptions::default())
+        let loaded = model::load_model(&path, opts)
             .with_context(|| format!("while loading the model from {}", path.display()));
         bar.finish_and_clear();
         loaded
@@ -37,25 +47,30 @@ impl ModelArgs {
 }
 
 /// Which decoder layers run: the full model, a nested plan drawn from a skip ratio, or an
-/// explicit skip list.
+/// explicit skip list. Every flag is optional so that a config file can supply the plan.
 #[derive(Debug, Args)]
 pub struct PlanArgs {
     /// Fraction r of layers to skip: k = round(r·L) middle layers are dropped (first and last are
-    /// always kept). 0 runs the full model.
-    #[arg(long, default_value_t = 0.0, value_name = "R")]
-    pub skip_ratio: f64,
-    /// Draw r uniformly from [--skip-ratio, --skip-ratio-max] instead of fixing it.
-    #[arg(long, value_name = "R")]
+    /// always kept). 0 (the default) runs the full model.
+    #[arg(long, value_name = "R", env = "NESTED_REFT_SKIP_RATIO")]
+    pub skip_ratio: Option<f64>,
+    /// Draw r uniformly from [--skip-ratio, --skip-ratio-max] for every batch instead of fixing it.
+    #[arg(long, value_name = "R", env = "NESTED_REFT_SKIP_RATIO_MAX")]
     pub skip_ratio_max: Option<f64>,
-    /// How the skipped layers are chosen.
-    #[arg(long, value_enum, default_value_t = StrategyArg::Random)]
-    pub plan_strategy: StrategyArg,
+    /// How the skipped layers are chosen [default: random].
+    #[arg(long, value_enum, env = "NESTED_REFT_PLAN_STRATEGY")]
+    pub plan_strategy: Option<StrategyArg>,
     /// Explicit layers to skip, e.g. `5,10,15` (overrides --skip-ratio).
-    #[arg(long, value_delimiter = ',', value_name = "L,L,...")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "L,L,...",
+        env = "NESTED_REFT_SKIP_LAYERS"
+    )]
     pub skip_layers: Option<Vec<usize>>,
-    /// Seed for the plan draw and for sampling.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed for the plan draws and for sampling [default: 0].
+    #[arg(long, env = "NESTED_REFT_SEED")]
+    pub seed: Option<u64>,
 }
 
 /// `--plan-strategy` values.
@@ -68,29 +83,47 @@ pub enum StrategyArg {
 }
 
 impl PlanArgs {
-    /// The plan for a model with `num_layers` layers.
-    pub fn plan(&self, num_layers: usize) -> Result<LayerPlan> {
-        let spec = match &self.skip_layers {
+    /// Whether any plan flag was given.
+    pub fn is_set(&self) -> bool {
+        self.skip_ratio.is_some()
+            || self.skip_ratio_max.is_some()
+            || self.plan_strategy.is_some()
+            || self.skip_layers.is_some()
+    }
+
+    /// The plan spec these flags describe (the full model when none is given).
+    pub fn spec(&self, num_layers: usize) -> Result<PlanSpec> {
+        Ok(match &self.skip_layers {
             Some(skip) => {
-                if self.skip_ratio != 0.0 || self.skip_ratio_max.is_some() {
+                if self.skip_ratio.is_some() || self.skip_ratio_max.is_some() {
                     bail!("--skip-layers and --skip-ratio cannot be combined");
                 }
                 PlanSpec::Explicit(LayerPlan::skipping(skip, num_layers)?)
             }
-            None => PlanSpec::Nested {
-                ratio: match self.skip_ratio_max {
-                    Some(max) => SkipRatio::Range {
-                        min: self.skip_ratio,
-                        max,
+            None => {
+                let min = self.skip_ratio.unwrap_or(0.0);
+                PlanSpec::Nested {
+                    ratio: match self.skip_ratio_max {
+                        Some(max) => SkipRatio::Range { min, max },
+                        None => SkipRatio::Fixed(min),
                     },
-                    None => SkipRatio::Fixed(self.skip_ratio),
-                },
-                strategy: match self.plan_strategy {
-                    StrategyArg::Random => PlanStrategy::Random,
-                    StrategyArg::Contiguous => PlanStrategy::Contiguous,
-                },
-            },
-        };
-        Ok(PlanSampler::new(spec, num_layers, self.seed)?.next_plan()?)
+                    strategy: match self.plan_strategy.unwrap_or(StrategyArg::Random) {
+                        StrategyArg::Random => PlanStrategy::Random,
+                        StrategyArg::Contiguous => PlanStrategy::Contiguous,
+                    },
+                }
+            }
+        })
+    }
+
+    /// The seed (0 when not given).
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or(0)
+    }
+
+    /// One plan for a model with `num_layers` layers.
+    pub fn plan(&self, num_layers: usize) -> Result<LayerPlan> {
+        let spec = self.spec(num_layers)?;
+        Ok(PlanSampler::new(spec, num_layers, self.seed())?.next_plan()?)
     }
 }

@@ -1,0 +1,350 @@
+//! The generation half of a training step: prompts from the dataset → a layer plan for the
+//! batch → G completions per prompt with the nested behavior → rewards → groups of records.
+//!
+//! The generator knows nothing of how it is run: the one-process loop hands the records to the
+//! learner directly, the rollout-server process pushes them into the ring.
+
+use crate::dataset::{CursorState, DataCursor, Dataset, Problem};
+use model::{
+    generate, stream_seed, ChatMessage, Decoder, FinishReason as ModelFinish, GenerationConfig,
+    LayerPlan, PlanSampler, PlanSpec, Sampling, Tokenizer,
+};
+use protocol::{FinishReason, Rewards, RolloutRecord, Timings};
+use rewards::{Reward, Sample};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Why the generator could not produce a batch.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GeneratorError {
+    /// A configuration value is out of range.
+    #[error("invalid generator configuration: {0}")]
+    InvalidConfig(String),
+    /// The model failed (tokenizer, template, generation).
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    /// The dataset cursor does not fit the dataset.
+    #[error("dataset cursor: {0}")]
+    Cursor(#[from] crate::dataset::CursorError),
+    /// The reward failed as a whole (not one sample: those are counted).
+    #[error("reward: {0}")]
+    Reward(String),
+}
+
+/// What to generate per batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeneratorConfig {
+    /// Prompts per batch.
+    pub prompts_per_batch: usize,
+    /// Completions per prompt (G).
+    pub group_size: usize,
+    /// Token limit of a completion.
+    pub max_new_tokens: usize,
+    /// Sampling temperature (> 0; the learner must score at the same one).
+    pub temperature: f64,
+    /// Nucleus mass; below 1 the importance weights are no longer unbiased.
+    pub top_p: f64,
+    /// Top-k cut-off (0: off); on, the importance weights are no longer unbiased.
+    pub top_k: usize,
+    /// Optional system message of the chat template.
+    pub system_prompt: Option<String>,
+    /// Appended to every question (after a blank line) in the user message.
+    pub instruction: String,
+    /// Seed of the plan draws and of the sampling streams.
+    pub seed: u64,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        Self {
+            prompts_per_batch: 8,
+            group_size: 4,
+            max_new_tokens: 96,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            system_prompt: None,
+            instruction: "Answer with the final number.".into(),
+            seed: 0,
+        }
+    }
+}
+
+impl GeneratorConfig {
+    /// Checks every value.
+    pub fn validate(self) -> Result<Self, GeneratorError> {
+        let bad = |m: String| Err(GeneratorError::InvalidConfig(m));
+        if self.prompts_per_batch == 0 {
+            return bad("prompts_per_batch must be at least 1".into());
+        }
+        if self.group_size < 2 {
+            return bad(format!(
+                "group_size must be at least 2 (advantages compare completions of one prompt), got {}",
+                self.group_size
+            ));
+        }
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens must be at least 1".into());
+        }
+        self.sampling().validate()?;
+        Ok(self)
+    }
+
+    /// The sampling this configuration asks for.
+    pub fn sampling(&self) -> Sampling {
+        Sampling::Sample {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+        }
+    }
+}
+
+/// What one batch's generation did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GenerationStats {
+    /// Completions generated.
+    pub completions: usize,
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Seconds of generation (prefill and decode).
+    pub generation_s: f64,
+    /// Seconds of reward scoring.
+    pub reward_s: f64,
+    /// Generated tokens per second.
+    pub behavior_tokens_per_s: f64,
+    /// Mean completion length in tokens.
+    pub mean_completion_tokens: f64,
+    /// Fraction of completions cut at `max_new_tokens`.
+    pub truncated_frac: f64,
+    /// Samples whose reward failed; their groups are dropped.
+    pub reward_failures: usize,
+    /// Groups dropped because a member's reward failed.
+    pub dropped_groups: usize,
+}
+
+/// One batch of complete groups, generated under one plan.
+#[derive(Debug, Clone)]
+pub struct RolloutBatch {
+    /// Sequential id of the batch.
+    pub batch_id: u64,
+    /// The plan every completion of the batch was generated with.
+    pub plan: LayerPlan,
+    /// Complete groups: the G records of one prompt each.
+    pub groups: Vec<Vec<RolloutRecord>>,
+    /// The first completion of the batch, decoded (for logs).
+    pub example: Option<(String, String, f64)>,
+    /// Statistics.
+    pub stats: GenerationStats,
+}
+
+/// The generator: dataset cursor, plan sampler, reward and sampling settings.
+pub struct Generator {
+    cfg: GeneratorConfig,
+    dataset: Dataset,
+    cursor: DataCursor,
+    plans: PlanSampler,
+    reward: Box<dyn Reward>,
+    tokenizer: Tokenizer,
+    next_batch_id: u64,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("cfg", &self.cfg)
+            .field("next_batch_id", &self.next_batch_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Generator {
+    /// A generator over `dataset` for a model with `num_layers` layers.
+    pub fn new(
+        cfg: GeneratorConfig,
+        dataset: Dataset,
+        plan: PlanSpec,
+        num_layers: usize,
+        reward: Box<dyn Reward>,
+        tokenizer: Tokenizer,
+    ) -> Result<Self, GeneratorError> {
+        let cfg = cfg.validate()?;
+        let plans = PlanSampler::new(plan, num_layers, cfg.seed)?;
+        let cursor = DataCursor::for_dataset(&dataset, cfg.seed);
+        Ok(Self {
+            cfg,
+            dataset,
+            cursor,
+            plans,
+            reward,
+            tokenizer,
+            next_batch_id: 0,
+        })
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &GeneratorConfig {
+        &self.cfg
+    }
+
+    /// Where the dataset cursor stands (for checkpoints).
+    pub fn cursor_state(&self) -> CursorState {
+        self.cursor.state()
+    }
+
+    /// The chat-templated prompt text of a problem.
+    pub fn prompt_text(&self, problem: &Problem) -> Result<String, GeneratorError> {
+        let mut messages = Vec::new();
+        if let Some(s) = &self.cfg.system_prompt {
+            messages.push(ChatMessage::new("system", s.as_str()));
+        }
+        let user = if self.cfg.instruction.is_empty() {
+            problem.question.clone()
+        } else {
+            format!("{}\n\n{}", problem.question, self.cfg.instruction)
+        };
+        messages.push(ChatMessage::new("user", user));
+        Ok(self.tokenizer.apply_chat_template(&messages, true)?)
+    }
+
+    /// Generates the next batch with `model` (whose weights are policy version
+    /// `policy_version`) under the next plan of the sampler.
+    pub fn next_batch(
+        &mut self,
+        model: &Decoder,
+        policy_version: u64,
+    ) -> Result<RolloutBatch, GeneratorError> {
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
+        let plan = self.plans.next_plan()?;
+        let problems = self
+            .cursor
+            .next_batch(&self.dataset, self.cfg.prompts_per_batch)?;
+        let mut prompts = Vec::with_capacity(problems.len());
+        for p in &problems {
+            prompts.push(self.tokenizer.encode(&self.prompt_text(p)?, false)?);
+        }
+        let seed = stream_seed(self.cfg.seed, batch_id, u64::MAX);
+        let gen_cfg = GenerationConfig {
+            sampling: self.cfg.sampling(),
+            max_new_tokens: self.cfg.max_new_tokens,
+            group_size: self.cfg.group_size,
+            seed,
+            eos_token_ids: self.tokenizer.eos_token_ids().to_vec(),
+            stop_strings: Vec::new(),
+        };
+        let out = generate(model, &prompts, &plan, &gen_cfg, Some(&self.tokenizer))?;
+        let gen_ns = (out.timings.prefill + out.timings.decode).as_nanos() as u64;
+
+        let start = Instant::now();
+        let mut samples = Vec::with_capacity(out.completions.len());
+        for c in &out.completions {
+            let problem = &problems[c.prompt_index];
+            samples.push(Sample {
+                prompt: problem.question.clone(),
+                completion: self.tokenizer.decode(&c.tokens, true)?,
+                reference: problem.answer.clone(),
+                metadata: serde_json::Value::Null,
+            });
+        }
+        let scores = self.reward.score_batch(&samples);
+        let reward_s = start.elapsed().as_secs_f64();
+        if scores.len() != samples.len() {
+            return Err(GeneratorError::Reward(format!(
+                "the reward returned {} scores for {} samples",
+                scores.len(),
+                samples.len()
+            )));
+        }
+
+        let n = out.completions.len().max(1);
+        let g = self.cfg.group_size;
+        let plan_u16: Vec<u16> = plan.layers().iter().map(|&l| l as u16).collect();
+        let mut stats = GenerationStats {
+            completions: out.completions.len(),
+            tokens: out.timings.generated_tokens,
+            generation_s: gen_ns as f64 / 1e9,
+            reward_s,
+            behavior_tokens_per_s: out.timings.tokens_per_second(),
+            mean_completion_tokens: out.timings.generated_tokens as f64 / n as f64,
+            truncated_frac: out
+                .completions
+                .iter()
+                .filter(|c| c.finish == ModelFinish::Length)
+                .count() as f64
+                / n as f64,
+            ..GenerationStats::default()
+        };
+        let example = match (samples.first(), scores.first()) {
+            (Some(s), Some(Ok(score))) => {
+                Some((s.prompt.clone(), s.completion.clone(), score.value))
+            }
+            _ => None,
+        };
+        let mut groups = Vec::with_capacity(problems.len());
+        for (p, problem) in problems.iter().enumerate() {
+            let members = &out.completions[p * g..(p + 1) * g];
+            let member_scores = &scores[p * g..(p + 1) * g];
+            let failed = member_scores.iter().filter(|s| s.is_err()).count();
+            if failed > 0 {
+                stats.reward_failures += failed;
+                stats.dropped_groups += 1;
+                continue;
+            }
+            let group_id = batch_id * self.cfg.prompts_per_batch as u64 + p as u64;
+            let group = members
+                .iter()
+                .zip(member_scores.iter().flatten())
+                .map(|(c, score)| RolloutRecord {
+                    prompt_id: problem_id(problem),
+                    group_id,
+                    batch_id,
+                    policy_version,
+                    prompt: prompts[p].clone(),
+                    completion: c.tokens.clone(),
+                    logprobs: c.logprobs.clone(),
+                    plan: plan_u16.clone(),
+                    sampling: protocol::Sampling {
+                        temperature: self.cfg.temperature as f32,
+                        top_p: self.cfg.top_p as f32,
+                        top_k: self.cfg.top_k as u32,
+                        seed: stream_seed(seed, c.prompt_index as u64, c.sample_index as u64),
+                    },
+                    rewards: Rewards {
+                        components: [score.value as f32, 0.0, 0.0, 0.0],
+                        n_components: 1,
+                        total: score.value as f32,
+                        failed: false,
+                    },
+                    finish: match c.finish {
+                        ModelFinish::Eos => FinishReason::Eos,
+                        ModelFinish::Stop(_) => FinishReason::Stop,
+                        ModelFinish::Length => FinishReason::Length,
+                    },
+                    timings: Timings {
+                        generation_ns: gen_ns / n as u64,
+                        reward_ns: (reward_s * 1e9) as u64 / n as u64,
+                    },
+                })
+                .collect();
+            groups.push(group);
+        }
+        Ok(RolloutBatch {
+            batch_id,
+            plan,
+            groups,
+            example,
+            stats,
+        })
+    }
+}
+
+/// A stable numeric id of a problem (its id string hashed), for the record's `prompt_id`.
+fn problem_id(p: &Problem) -> u64 {
+    // FNV-1a: stable across runs and platforms, unlike the std hasher.
+    p.id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

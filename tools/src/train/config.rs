@@ -1,0 +1,385 @@
+//! `nested-reft train`'s configuration: a TOML file, overridden by flags (and their
+//! environment variables), validated once into [`TrainConfig`].
+
+use crate::modelargs::{ModelArgs, PlanArgs, StrategyArg};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use learner::{Correction, Normalizer, TisMode, UpdateConfig};
+use rewards::RewardSpec;
+use rollout_server::dataset::DatasetSpec;
+use rollout_server::GeneratorConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// How the generator and the learner are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One process: generate a batch, train on it, repeat.
+    #[default]
+    Local,
+}
+
+/// `--correction` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CorrectionArg {
+    /// No correction: treat the nested samples as on-policy (biased; the control).
+    None,
+    /// Sequence-level importance sampling ∏ρ (unbiased, high variance).
+    SeqIs,
+    /// Truncated per-token importance sampling min(ρ, C).
+    Tis,
+    /// Retrace-style trace ∏ λ·min(1, ρ).
+    Retrace,
+}
+
+/// The plan part of the config file (the same knobs as the plan flags).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlanFile {
+    /// Skip ratio r (or the lower bound of a range).
+    pub skip_ratio: Option<f64>,
+    /// Upper bound of r, drawn per batch.
+    pub skip_ratio_max: Option<f64>,
+    /// `random` or `contiguous`.
+    pub strategy: Option<String>,
+    /// Explicit layers to skip.
+    pub skip_layers: Option<Vec<usize>>,
+}
+
+/// The config file of `nested-reft train`; every key is optional.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainFile {
+    /// How the two halves run.
+    pub mode: Mode,
+    /// Training steps (one batch each).
+    pub steps: u64,
+    /// Seed of plans, sampling and the data order.
+    pub seed: u64,
+    /// Model path (default: the embedded default model).
+    pub model: Option<PathBuf>,
+    /// Output directory (default: `runs/train-<unix time>`).
+    pub output_dir: Option<PathBuf>,
+    /// Save the trained model at the end.
+    pub save_model: bool,
+    /// The prompts.
+    pub dataset: DatasetSpec,
+    /// The reward.
+    pub reward: RewardSpec,
+    /// The behavior's layer plan per batch.
+    pub plan: PlanFile,
+    /// Generation.
+    pub generator: GeneratorConfig,
+    /// The update.
+    pub update: UpdateConfig,
+}
+
+/// Defaults of `nested-reft train` with no arguments: the embedded SmolLM2-135M on level-1
+/// arithmetic, sized so that the mean reward visibly rises within minutes on two CPU cores.
+impl Default for TrainFile {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Local,
+            steps: 30,
+            seed: 0,
+            model: None,
+            output_dir: None,
+            save_model: true,
+            dataset: DatasetSpec::Arithmetic {
+                level: 1,
+                count: 1000,
+                seed: 0,
+            },
+            reward: RewardSpec::Math(rewards::MathConfig::default()),
+            plan: PlanFile::default(),
+            generator: GeneratorConfig {
+                prompts_per_batch: 8,
+                group_size: 4,
+                max_new_tokens: 64,
+                ..GeneratorConfig::default()
+            },
+            update: UpdateConfig {
+                optim: learner::OptimConfig {
+                    lr: 2e-5,
+                    ..learner::OptimConfig::default()
+                },
+                ..UpdateConfig::default()
+            },
+        }
+    }
+}
+
+/// `nested-reft train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A TOML config file (see `nested-reft train --print-config` for every key and its
+    /// default). Flags override it.
+    #[arg(long, short, value_name = "FILE", env = "NESTED_REFT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// How generation and training run [default: local].
+    #[arg(long, value_enum, env = "NESTED_REFT_MODE")]
+    pub mode: Option<Mode>,
+    /// Training steps; each generates one batch and makes one update [default: 30].
+    #[arg(long, env = "NESTED_REFT_STEPS")]
+    pub steps: Option<u64>,
+    /// Where metrics.jsonl, samples.jsonl, reward.svg, config.toml and the trained model go
+    /// [default: runs/train-<unix time>].
+    #[arg(long, short, value_name = "DIR", env = "NESTED_REFT_OUTPUT_DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Do not save the trained model.
+    #[arg(long)]
+    pub no_save: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompts: `arithmetic` or `arithmetic:LEVEL` (built-in generator, levels 1–5), `gsm8k`
+    /// (the 100 fetched GSM8K problems) or a `.jsonl` file with `question` and `answer`
+    /// fields [default: arithmetic:1].
+    #[arg(long, value_name = "SPEC", env = "NESTED_REFT_DATASET")]
+    pub dataset: Option<String>,
+    /// A bad dataset line is fatal instead of skipped.
+    #[arg(long)]
+    pub strict: bool,
+    /// The reward: `math`, `format`, an inline JSON spec or a TOML/JSON file [default: math].
+    #[arg(long, value_name = "SPEC", env = "NESTED_REFT_REWARD")]
+    pub reward: Option<String>,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Off-policy correction of the nested samples [default: tis].
+    #[arg(long, value_enum, env = "NESTED_REFT_CORRECTION")]
+    pub correction: Option<CorrectionArg>,
+    /// Cap C of `tis` [default: 2].
+    #[arg(long, value_name = "C")]
+    pub tis_cap: Option<f64>,
+    /// `tis` masks ratios above C (weight 0) instead of truncating them to C.
+    #[arg(long)]
+    pub tis_mask: bool,
+    /// λ of `retrace` [default: 1].
+    #[arg(long, value_name = "λ")]
+    pub retrace_lambda: Option<f64>,
+    /// Prompts per batch [default: 8].
+    #[arg(long, value_name = "N", env = "NESTED_REFT_PROMPTS_PER_BATCH")]
+    pub prompts_per_batch: Option<usize>,
+    /// Completions per prompt, G [default: 4].
+    #[arg(long, short = 'g', value_name = "G", env = "NESTED_REFT_GROUP_SIZE")]
+    pub group_size: Option<usize>,
+    /// Token limit of a completion [default: 64].
+    #[arg(long, value_name = "N", env = "NESTED_REFT_MAX_NEW_TOKENS")]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; the target is scored at the same one [default: 1].
+    #[arg(long, env = "NESTED_REFT_TEMPERATURE")]
+    pub temperature: Option<f64>,
+    /// Peak learning rate of AdamW [default: 2e-5].
+    #[arg(long, env = "NESTED_REFT_LR")]
+    pub lr: Option<f64>,
+    /// Linear warmup steps [default: 0].
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Optimizer steps per batch; above 1 the PPO-clipped decoupled objective applies [default: 1].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// β of a k3 KL penalty to the initial model (0: none) [default: 0].
+    #[arg(long)]
+    pub kl_coef: Option<f64>,
+    /// Loss normaliser [default: token-mean].
+    #[arg(long, value_enum)]
+    pub normalizer: Option<NormalizerArg>,
+    /// Do not divide advantages by the group's standard deviation ("Dr. GRPO").
+    #[arg(long)]
+    pub no_std: bool,
+    /// Tokens per learner micro-batch: bounds memory, not the result [default: 2048].
+    #[arg(long, value_name = "N")]
+    pub micro_batch_tokens: Option<usize>,
+}
+
+/// `--normalizer` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NormalizerArg {
+    /// Mean over all completion tokens of the batch.
+    TokenMean,
+    /// Mean over each sequence, then over sequences.
+    SequenceMean,
+}
+
+/// The validated configuration a run uses (saved as `config.toml` in the output directory).
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// The merged file form (what is saved).
+    pub file: TrainFile,
+    /// Where the run writes.
+    pub output_dir: PathBuf,
+}
+
+impl TrainArgs {
+    /// Reads the file (if any), applies the flags and validates.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let mut f = match &self.config {
+            Some(path) => read_file(path)?,
+            None => TrainFile::default(),
+        };
+        self.apply(&mut f)?;
+        validate(&mut f)?;
+        let output_dir = match &f.output_dir {
+            Some(d) => d.clone(),
+            None => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                PathBuf::from(format!("runs/train-{now}"))
+            }
+        };
+        Ok(TrainConfig {
+            file: f,
+            output_dir,
+        })
+    }
+
+    fn apply(&self, f: &mut TrainFile) -> Result<()> {
+        macro_rules! set {
+            ($flag:expr => $field:expr) => {
+                if let Some(v) = $flag.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(self.mode => f.mode);
+        set!(self.steps => f.steps);
+        if self.output_dir.is_some() {
+            f.output_dir = self.output_dir.clone();
+        }
+        if self.no_save {
+            f.save_model = false;
+        }
+        if self.model.model.is_some() {
+            f.model = self.model.model.clone();
+        }
+        if let Some(d) = &self.dataset {
+            f.dataset = d
+                .parse()
+                .with_context(|| format!("while reading --dataset {d:?}"))?;
+        }
+        if self.strict {
+            match &mut f.dataset {
+                DatasetSpec::Jsonl { strict, .. } => *strict = true,
+                _ => bail!("--strict applies to a JSON Lines dataset only"),
+            }
+        }
+        if let Some(r) = &self.reward {
+            f.reward =
+                RewardSpec::from_arg(r).with_context(|| format!("while reading --reward {r:?}"))?;
+        }
+        let p = &self.plan;
+        if p.is_set() {
+            f.plan = PlanFile {
+                skip_ratio: p.skip_ratio,
+                skip_ratio_max: p.skip_ratio_max,
+                strategy: p.plan_strategy.map(|s| match s {
+                    StrategyArg::Random => "random".into(),
+                    StrategyArg::Contiguous => "contiguous".into(),
+                }),
+                skip_layers: p.skip_layers.clone(),
+            };
+        }
+        set!(p.seed => f.seed);
+        let u = &mut f.update;
+        if let Some(c) = self.correction {
+            u.correction = match c {
+                CorrectionArg::None => Correction::None,
+                CorrectionArg::SeqIs => Correction::SeqIs,
+                CorrectionArg::Tis => Correction::Tis {
+                    cap: 2.0,
+                    mode: TisMode::Truncate,
+                },
+                CorrectionArg::Retrace => Correction::Retrace { lambda: 1.0 },
+            };
+        }
+        if self.tis_cap.is_some() || self.tis_mask {
+            let Correction::Tis { cap, mode } = &mut u.correction else {
+                bail!("--tis-cap and --tis-mask apply to --correction tis only");
+            };
+            set!(self.tis_cap => *cap);
+            if self.tis_mask {
+                *mode = TisMode::Mask;
+            }
+        }
+        if let Some(l) = self.retrace_lambda {
+            let Correction::Retrace { lambda } = &mut u.correction else {
+                bail!("--retrace-lambda applies to --correction retrace only");
+            };
+            *lambda = l;
+        }
+        set!(self.lr => u.optim.lr);
+        set!(self.warmup_steps => u.optim.warmup_steps);
+        set!(self.epochs => u.epochs);
+        set!(self.kl_coef => u.kl_coef);
+        set!(self.micro_batch_tokens => u.micro_batch_tokens);
+        if let Some(n) = self.normalizer {
+            u.normalizer = match n {
+                NormalizerArg::TokenMean => Normalizer::TokenMean,
+                NormalizerArg::SequenceMean => Normalizer::SequenceMean,
+            };
+        }
+        if self.no_std {
+            u.advantage.scale_by_std = false;
+        }
+        let g = &mut f.generator;
+        set!(self.prompts_per_batch => g.prompts_per_batch);
+        set!(self.group_size => g.group_size);
+        set!(self.max_new_tokens => g.max_new_tokens);
+        if let Some(t) = self.temperature {
+            g.temperature = t;
+            f.update.temperature = t;
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<TrainFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("while reading the config file {}", path.display()))?;
+    toml::from_str(&text)
+        .with_context(|| format!("while parsing the config file {}", path.display()))
+}
+
+/// Checks the merged file once; the run then trusts it.
+fn validate(f: &mut TrainFile) -> Result<()> {
+    if f.steps == 0 {
+        bail!("steps must be at least 1");
+    }
+    f.generator.seed = f.seed;
+    if (f.generator.temperature - f.update.temperature).abs() > 1e-9 {
+        bail!(
+            "generator.temperature ({}) and update.temperature ({}) differ: the learner must \
+             score the target at the temperature the behavior sampled with",
+            f.generator.temperature,
+            f.update.temperature
+        );
+    }
+    if f.update.optim.total_steps < f.steps {
+        f.update.optim.total_steps = f.steps;
+    }
+    f.generator = f.generator.clone().validate()?;
+    f.update = f.update.clone().validate()?;
+    Ok(())
+}
+
+impl PlanFile {
+    /// The plan flags this section stands for.
+    pub fn to_args(&self, seed: u64) -> Result<PlanArgs> {
+        Ok(PlanArgs {
+            skip_ratio: self.skip_ratio,
+            skip_ratio_max: self.skip_ratio_max,
+            plan_strategy: match self.strategy.as_deref() {
+                None | Some("random") => None,
+                Some("contiguous") => Some(StrategyArg::Contiguous),
+                Some(other) => bail!("plan.strategy {other:?} is not random or contiguous"),
+            },
+            skip_layers: self.skip_layers.clone(),
+            seed: Some(seed),
+        })
+    }
+}

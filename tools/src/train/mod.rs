@@ -1,0 +1,252 @@
+//! `nested-reft train`: generate with the nested behavior, score, update the full-depth
+//! target, repeat. Mode `local` runs both halves in this process, in turn.
+
+mod config;
+mod plot;
+
+pub use config::TrainArgs;
+
+use anyhow::{Context, Result};
+use config::TrainConfig;
+use indicatif::{ProgressBar, ProgressStyle};
+use learner::{Learner, StepStats};
+use model::LoadOptions;
+use rollout_server::dataset::Dataset;
+use rollout_server::{GenerationStats, Generator};
+use serde::Serialize;
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Serialize)]
+struct MetricsLine<'a> {
+    step: u64,
+    batch_id: u64,
+    /// Layers the behavior skipped in this batch.
+    skipped_layers: Vec<usize>,
+    /// Seconds since the run started.
+    wall_s: f64,
+    /// Seconds of this step (generation + scoring + update).
+    step_s: f64,
+    generation: &'a GenerationStats,
+    update: &'a StepStats,
+}
+
+/// Runs `train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let cfg = args.resolve()?;
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string(&cfg.file).context("while printing the configuration")?
+        );
+        return Ok(());
+    }
+    train(&cfg, &args)
+}
+
+fn train(cfg: &TrainConfig, args: &TrainArgs) -> Result<()> {
+    let f = &cfg.file;
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("while creating {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), toml::to_string(f)?)
+        .with_context(|| format!("while writing {}", out.join("config.toml").display()))?;
+
+    let dataset = Dataset::open(&f.dataset).context("while loading the dataset")?;
+    for s in &dataset.stats().skipped {
+        eprintln!("warning: {s}");
+    }
+    let reward = f.reward.build().context("while building the reward")?;
+    let model_args = crate::modelargs::ModelArgs {
+        model: f.model.clone(),
+    };
+    let loaded = model_args.load_with(&LoadOptions {
+        trainable: true,
+        ..LoadOptions::default()
+    })?;
+    let num_layers = loaded.decoder.config().num_layers;
+    let plan = f.plan.to_args(f.seed)?.spec(num_layers)?;
+    let tokenizer = loaded.tokenizer.clone();
+    let mut generator = Generator::new(
+        f.generator.clone(),
+        dataset,
+        plan,
+        num_layers,
+        reward,
+        loaded.tokenizer,
+    )
+    .context("while setting up generation")?;
+    let reference = if f.update.kl_coef > 0.0 {
+        Some(model_args.load()?.decoder)
+    } else {
+        None
+    };
+    let mut learner = Learner::new(loaded.decoder, reference, f.update.clone())
+        .context("while setting up the learner")?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // A second Ctrl-C while the flag is already set ends the process at once.
+    signal_hook::flag::register_conditional_shutdown(
+        signal_hook::consts::SIGINT,
+        130,
+        stop.clone(),
+    )
+    .context("while installing the Ctrl-C handler")?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
+        .context("while installing the Ctrl-C handler")?;
+
+    eprintln!(
+        "training {} on {} for {} steps: {} prompts × {} completions per batch, correction {}, \
+         plan {}; writing to {}",
+        model_args.path()?.display(),
+        args.dataset.as_deref().unwrap_or("the configured dataset"),
+        f.steps,
+        f.generator.prompts_per_batch,
+        f.generator.group_size,
+        f.update.correction,
+        describe_plan(&f.plan),
+        out.display()
+    );
+    let mut metrics = BufWriter::new(create(&out.join("metrics.jsonl"))?);
+    let mut samples = BufWriter::new(create(&out.join("samples.jsonl"))?);
+    let bar = progress_bar(f.steps);
+    let tty = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut curve = Vec::new();
+    for step in 0..f.steps {
+        let t0 = Instant::now();
+        let batch = generator
+            .next_batch(learner.model(), learner.version())
+            .with_context(|| format!("while generating batch {step}"))?;
+        let stats = learner
+            .step(&batch.groups)
+            .with_context(|| format!("while training on batch {step}"))?;
+        let line = MetricsLine {
+            step,
+            batch_id: batch.batch_id,
+            skipped_layers: batch.plan.skipped(),
+            wall_s: start.elapsed().as_secs_f64(),
+            step_s: t0.elapsed().as_secs_f64(),
+            generation: &batch.stats,
+            update: &stats,
+        };
+        serde_json::to_writer(&mut metrics, &line)?;
+        metrics.write_all(b"\n")?;
+        metrics.flush()?;
+        if let Some((prompt, completion, reward)) = &batch.example {
+            serde_json::to_writer(
+                &mut samples,
+                &serde_json::json!({"step": step, "prompt": prompt, "completion": completion, "reward": reward}),
+            )?;
+            samples.write_all(b"\n")?;
+            samples.flush()?;
+        }
+        curve.push((step, stats.reward_mean, stats.accuracy));
+        let msg = format!(
+            "reward {:.3} acc {:.2} | gen {:.0} tok/s, learn {:.0} tok/s | KL(μ‖π) {:.3}{}",
+            stats.reward_mean,
+            stats.accuracy,
+            batch.stats.behavior_tokens_per_s,
+            stats.learner_tokens_per_s,
+            stats.kl_behavior_k3,
+            stats
+                .skipped
+                .as_deref()
+                .map(|s| format!(" | skipped: {s}"))
+                .unwrap_or_default()
+        );
+        if tty {
+            bar.set_message(msg);
+        } else {
+            eprintln!(
+                "step {}/{}: {msg} ({:.1} s)",
+                step + 1,
+                f.steps,
+                line.step_s
+            );
+        }
+        bar.inc(1);
+        if stop.load(Ordering::SeqCst) {
+            bar.println(format!("interrupted: stopping after step {}", step + 1));
+            break;
+        }
+    }
+    bar.finish();
+    let title = format!(
+        "{} · plan {} · correction {}",
+        model_args
+            .path()?
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        describe_plan(&f.plan),
+        f.update.correction
+    );
+    plot::reward_curve(&out.join("reward.svg"), &title, &curve)?;
+    eprintln!("metrics: {}", out.join("metrics.jsonl").display());
+    eprintln!("plot:    {}", out.join("reward.svg").display());
+    if f.save_model {
+        let dir = out.join("model");
+        save_model(&learner, &tokenizer, &dir)?;
+        eprintln!("model:   {}", dir.display());
+    }
+    Ok(())
+}
+
+fn create(path: &Path) -> Result<File> {
+    File::create(path).with_context(|| format!("while creating {}", path.display()))
+}
+
+fn describe_plan(p: &config::PlanFile) -> String {
+    match (&p.skip_layers, p.skip_ratio, p.skip_ratio_max) {
+        (Some(l), _, _) => format!("skip layers {l:?}"),
+        (None, Some(r), Some(m)) => format!("skip ratio {r}–{m}"),
+        (None, Some(r), None) if r > 0.0 => format!("skip ratio {r}"),
+        _ => "full".into(),
+    }
+}
+
+fn progress_bar(steps: u64) -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(steps)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:25}] {elapsed_precise} ETA {eta} | {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+/// Writes the model to `<dir>.tmp`, then swaps it in with renames, so `dir` is always either
+/// the old complete model or the new complete one.
+fn save_model(learner: &Learner, tokenizer: &model::Tokenizer, dir: &Path) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("while removing {}", tmp.display()))?;
+    }
+    model::save_pretrained(learner.model(), tokenizer, &tmp)
+        .with_context(|| format!("while saving the model to {}", tmp.display()))?;
+    let old = dir.with_extension("old");
+    if dir.exists() {
+        std::fs::rename(dir, &old)
+            .with_context(|| format!("while moving {} aside", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("while renaming {} to {}", tmp.display(), dir.display()))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("while removing {}", old.display()))?;
+    }
+    Ok(())
+}

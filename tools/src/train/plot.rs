@@ -1,0 +1,53 @@
+//! The reward and accuracy curve of a run, as SVG.
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+/// Plots mean reward and accuracy per step (`(step, reward, accuracy)`) to an SVG file.
+pub fn reward_curve(path: &Path, title: &str, points: &[(u64, f64, f64)]) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("while drawing {}: {e}", path.display());
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let last = points.last().map_or(1, |p| p.0.max(1));
+    let top = points.iter().map(|p| p.1.max(p.2)).fold(1.0f64, f64::max);
+    let bottom = points.iter().map(|p| p.1.min(p.2)).fold(0.0f64, f64::min);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0u64..last, bottom..top * 1.05)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("per batch")
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|p| (p.0, p.1)),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(|e| err(&e))?
+        .label("mean reward")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|p| (p.0, p.2)),
+            RED.stroke_width(2),
+        ))
+        .map_err(|e| err(&e))?
+        .label("accuracy")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
