@@ -97,9 +97,11 @@ impl Default for TrainFile {
                 prompts_per_batch: 8,
                 group_size: 4,
                 max_new_tokens: 64,
+                temperature: 0.7,
                 ..GeneratorConfig::default()
             },
             update: UpdateConfig {
+                temperature: 0.7,
                 optim: learner::OptimConfig {
                     lr: 2e-5,
                     ..learner::OptimConfig::default()
@@ -169,7 +171,7 @@ pub struct TrainArgs {
     /// Token limit of a completion [default: 64].
     #[arg(long, value_name = "N", env = "NESTED_REFT_MAX_NEW_TOKENS")]
     pub max_new_tokens: Option<usize>,
-    /// Sampling temperature; the target is scored at the same one [default: 1].
+    /// Sampling temperature; the target is scored at the same one [default: 0.7].
     #[arg(long, env = "NESTED_REFT_TEMPERATURE")]
     pub temperature: Option<f64>,
     /// Peak learning rate of AdamW [default: 2e-5].

@@ -1,0 +1,114 @@
+//! `nested-reft train`, run as a user would, on the real default model (tiny batches).
+
+#![allow(clippy::unwrap_used)]
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nested-reft"))
+        .args(args)
+        .output()
+        .expect("start nested-reft")
+}
+
+#[test]
+fn two_local_steps_write_metrics_plot_and_a_model_that_loads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    let out = run(&[
+        "train",
+        "--steps",
+        "2",
+        "--prompts-per-batch",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--skip-layers",
+        "25,27",
+        "--correction",
+        "tis",
+        "--seed",
+        "3",
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{metrics}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"], i as u64);
+        assert_eq!(l["skipped_layers"], serde_json::json!([25, 27]));
+        assert_eq!(l["generation"]["completions"], 4);
+        let r = l["update"]["reward_mean"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&r), "{l}");
+        assert!(l["generation"]["tokens"].as_u64().unwrap() > 0);
+    }
+
+    let svg = std::fs::read_to_string(out_dir.join("reward.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("mean reward"), "{}", &svg[..svg.len().min(200)]);
+    let config = std::fs::read_to_string(out_dir.join("config.toml")).unwrap();
+    assert!(config.contains("steps = 2"), "{config}");
+
+    // The saved model loads back and generates with the saved tokenizer.
+    let model_dir = out_dir.join("model");
+    assert!(model_dir.join("model.safetensors").is_file());
+    let gen = run(&[
+        "generate",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--prompt",
+        "1 + 1 =",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+    ]);
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    assert!(!gen.stdout.is_empty());
+}
+
+#[test]
+fn bad_configuration_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["--steps", "0"], "steps must be at least 1"),
+        (&["--group-size", "1"], "group_size must be at least 2"),
+        (&["--dataset", "nonsense"], "--dataset"),
+        (&["--correction", "none", "--tis-cap", "3"], "--tis-cap"),
+        (&["--lr=-1"], "learning rate"),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["train", "--output-dir", dir.path().to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = run(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "stepz = 3\n").unwrap();
+    let out = run(&["train", "--config", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("stepz"), "{stderr}");
+}
+
+#[test]
+fn print_config_round_trips_through_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["train", "--print-config", "--correction", "retrace", "--steps", "7"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("kind = \"retrace\""), "{text}");
+    let file = dir.path().join("cfg.toml");
+    std::fs::write(&file, &text).unwrap();
+    let again = run(&["train", "--print-config", "--config", file.to_str().unwrap()]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), text);
+}
