@@ -7,9 +7,10 @@
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::ops;
 use crate::plan::LayerPlan;
 use crate::weights::Weights;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 /// Which kernels the forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -18,9 +19,20 @@ pub enum Kernels {
     /// The rollout path uses these.
     #[default]
     Fused,
-    /// Compositions of differentiable ops (checked against finite differences); the learner
-    /// uses these so that a backward pass reaches every parameter.
+    /// Differentiable kernels (one graph node per RMSNorm, RoPE, masked softmax and gated
+    /// activation, each with a hand-written backward checked against finite differences); the
+    /// learner uses these so that a backward pass reaches every parameter.
     Differentiable,
+    /// The same maths as compositions of candle's differentiable ops: slow and memory-hungry,
+    /// kept as the reference that [`Kernels::Differentiable`] is tested against.
+    Composed,
+}
+
+impl Kernels {
+    /// Whether a backward pass through these kernels reaches every parameter.
+    pub fn differentiable(self) -> bool {
+        self != Kernels::Fused
+    }
 }
 
 /// The key/value cache of one sequence batch: one preallocated buffer per layer in the plan.
@@ -149,7 +161,8 @@ impl ForwardCtx {
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, kernels: Kernels) -> Result<Tensor> {
     Ok(match kernels {
         Kernels::Fused => candle_nn::ops::rms_norm(x, w, eps as f32)?,
-        Kernels::Differentiable => candle_nn::ops::rms_norm_slow(x, w, eps as f32)?,
+        Kernels::Differentiable => ops::rms_norm(x, w, eps)?,
+        Kernels::Composed => ops::rms_norm_composed(x, w, eps)?,
     })
 }
 
@@ -160,33 +173,39 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, kernels: Kernels) -> Result<Tensor
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, kernels: Kernels) -> Result<Tensor> {
     Ok(match kernels {
         Kernels::Fused => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?,
-        Kernels::Differentiable => {
-            let (cos, sin) = (
-                Tensor::cat(&[cos, cos], D::Minus1)?,
-                Tensor::cat(&[sin, sin], D::Minus1)?,
-            );
-            // (s, hd) -> (1, 1, s, hd); (b, s, hd) -> (b, 1, s, hd)
-            let (cos, sin) = if cos.rank() == 2 {
-                (
-                    cos.unsqueeze(0)?.unsqueeze(0)?,
-                    sin.unsqueeze(0)?.unsqueeze(0)?,
-                )
-            } else {
-                (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
-            };
-            let half = x.dim(D::Minus1)? / 2;
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?
-        }
+        Kernels::Differentiable => ops::rope(x, cos, sin)?,
+        Kernels::Composed => ops::rope_composed(x, cos, sin)?,
     })
 }
 
-fn softmax(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+/// Softmax over the last axis of `att + mask`.
+///
+/// # Shapes
+/// `att`: (b, g, r·s, l); `mask`: (b or 1, 1, 1, s, l) → (b, g, r·s, l).
+fn masked_softmax(att: &Tensor, mask: Option<&Tensor>, kernels: Kernels) -> Result<Tensor> {
     Ok(match kernels {
-        Kernels::Fused => candle_nn::ops::softmax_last_dim(x)?,
-        Kernels::Differentiable => candle_nn::ops::softmax(x, D::Minus1)?,
+        Kernels::Fused => {
+            let (b, g, rs, l) = att.dims4()?;
+            let att = match mask {
+                Some(mask) => {
+                    let s = mask.dim(3)?;
+                    att.reshape((b, g, rs / s, s, l))?
+                        .broadcast_add(mask)?
+                        .reshape((b, g, rs, l))?
+                }
+                None => att.clone(),
+            };
+            candle_nn::ops::softmax_last_dim(&att)?
+        }
+        Kernels::Differentiable | Kernels::Composed => ops::masked_softmax_composed(att, mask)?,
+    })
+}
+
+/// `silu(gate) * up`.
+fn silu_mul(gate: &Tensor, up: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    Ok(match kernels {
+        Kernels::Differentiable => ops::silu_mul(gate, up)?,
+        Kernels::Fused | Kernels::Composed => ops::silu_mul_composed(gate, up)?,
     })
 }
 
@@ -435,16 +454,17 @@ impl Decoder {
         self.project(&hidden)
     }
 
+    /// The output head's weight, (vocab, hidden): `lm_head`, or the embedding when tied.
+    pub(crate) fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
     /// Applies the output head to final hidden states.
     ///
     /// # Shapes
     /// `hidden`: (…, hidden) → (…, vocab).
     pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear(
-            hidden,
-            self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
-            None,
-        )
+        linear(hidden, self.head_weight(), None)
     }
 
     /// Final (normed) hidden states for every position, running only the plan's layers.
@@ -610,9 +630,9 @@ impl Decoder {
         let x = (x + h)?;
         let h = rms_norm(&x, &layer.post_attention_layernorm, eps, step.kernels)?;
         let m = &layer.mlp;
-        let gate = linear(&h, &m.gate_proj, None)?.silu()?;
+        let gate = linear(&h, &m.gate_proj, None)?;
         let up = linear(&h, &m.up_proj, None)?;
-        let h = linear(&(gate * up)?, &m.down_proj, None)?;
+        let h = linear(&silu_mul(&gate, &up, step.kernels)?, &m.down_proj, None)?;
         Ok((x + h)?)
     }
 
@@ -648,19 +668,17 @@ impl Decoder {
             }
             None => (k, v),
         };
-        let len = k.dim(2)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let q = (q * scale)?.reshape((b, nkv, rep * s, hd))?;
-        let att = q.matmul(&k.t()?)?;
-        let att = match step.mask {
-            Some(mask) => att
-                .reshape((b, nkv, rep, s, len))?
-                .broadcast_add(mask)?
-                .reshape((b, nkv, rep * s, len))?,
-            None => att,
+        let q = q.reshape((b, nkv, rep * s, hd))?;
+        let y = match step.kernels {
+            // One graph node that recomputes the attention probabilities in its backward.
+            Kernels::Differentiable => ops::attention(&q, &k, &v, step.mask, scale)?,
+            Kernels::Fused | Kernels::Composed => {
+                let att = (q * scale)?.matmul(&k.t()?)?;
+                let att = masked_softmax(&att, step.mask, step.kernels)?;
+                att.matmul(&v)? // (b, nkv, rep*s, hd)
+            }
         };
-        let att = softmax(&att, step.kernels)?;
-        let y = att.matmul(&v)?; // (b, nkv, rep*s, hd)
         let y = y
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?

@@ -13,6 +13,7 @@ mod error;
 mod generate;
 mod loading;
 mod logprobs;
+pub mod ops;
 mod plan;
 mod sampling;
 mod tokenizer;

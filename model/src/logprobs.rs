@@ -2,8 +2,9 @@
 
 use crate::decoder::{Decoder, ForwardCtx, Kernels};
 use crate::error::{ModelError, Result};
+use crate::ops;
 use crate::plan::LayerPlan;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 /// One sequence to score: the completion's tokens given the prompt's.
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +41,8 @@ impl CompletionLogProbs {
 /// Log π(y_t | x, y_<t) of every completion token under `plan`, with logits divided by
 /// `temperature`. Sequences are right-padded (causal attention never sees the padding), and the
 /// output head runs only at the positions that predict completion tokens. With
-/// [`Kernels::Differentiable`] the result back-propagates to every parameter.
+/// [`Kernels::Differentiable`] (or [`Kernels::Composed`]) the result back-propagates to every
+/// parameter.
 ///
 /// # Shapes
 /// → values and mask (b, T), T = longest completion.
@@ -106,15 +108,17 @@ pub fn completion_logprobs(
     let hidden = model.forward_hidden(&tokens, &mut ctx)?;
     let hidden = hidden.reshape((b * seq_len, model.config().hidden_size))?;
     let hidden = hidden.index_select(&Tensor::from_vec(pick, b * t_max, device)?, 0)?;
-    let logits = model.project(&hidden)?;
-    let logits = if temperature == 1.0 {
-        logits
-    } else {
-        (logits / temperature)?
+    let targets = Tensor::from_vec(targets, b * t_max, device)?;
+    let picked = match kernels {
+        // Row chunks of logits only: the (rows × vocab) matrix is never held whole.
+        Kernels::Fused | Kernels::Differentiable => {
+            ops::head_logprobs(&hidden, model.head_weight(), &targets, temperature)?
+        }
+        Kernels::Composed => {
+            ops::head_logprobs_composed(&hidden, model.head_weight(), &targets, temperature)?
+        }
     };
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (b * t_max, 1), device)?;
-    let picked = logp.gather(&targets, 1)?.reshape((b, t_max))?;
+    let picked = picked.reshape((b, t_max))?;
     let mask = Tensor::from_vec(mask, (b, t_max), device)?.to_dtype(picked.dtype())?;
     Ok(CompletionLogProbs {
         values: (picked * &mask)?,

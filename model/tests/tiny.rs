@@ -17,6 +17,10 @@ fn tiny(arch: Architecture, dtype: DType, trainable: bool) -> Decoder {
 }
 
 fn loss(m: &Decoder, coeffs: &Tensor) -> Tensor {
+    loss_with(m, coeffs, &LayerPlan::full(3), Kernels::Differentiable)
+}
+
+fn loss_with(m: &Decoder, coeffs: &Tensor, plan: &LayerPlan, kernels: Kernels) -> Tensor {
     let (p1, c1) = (vec![1u32, 4, 2], vec![7u32, 3, 9, 0]);
     let (p2, c2) = (vec![5u32], vec![2u32, 2]);
     let lp = completion_logprobs(
@@ -31,9 +35,9 @@ fn loss(m: &Decoder, coeffs: &Tensor) -> Tensor {
                 completion: &c2,
             },
         ],
-        &LayerPlan::full(3),
+        plan,
         0.9,
-        Kernels::Differentiable,
+        kernels,
     )
     .unwrap();
     (lp.values * coeffs).unwrap().sum_all().unwrap()
@@ -85,6 +89,53 @@ fn gradients_match_finite_differences() {
                 rel < 1e-3,
                 "{arch:?} {name}: analytic {analytic} vs numeric {numeric} (rel {rel})"
             );
+        }
+    }
+}
+
+#[test]
+fn differentiable_kernels_match_the_composed_reference_in_f32() {
+    // Values within 1e-5 relative, every parameter's gradient within 1e-4 relative (max |Δ|
+    // over max |g|), for both architectures, full and nested plans.
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let m = tiny(arch, DType::F32, true);
+        let coeffs = Tensor::new(
+            &[[1.0f32, -0.5, 2.0, 0.3], [0.7, -1.2, 0.0, 0.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        for plan in [LayerPlan::full(3), LayerPlan::skipping(&[1], 3).unwrap()] {
+            let new = loss_with(&m, &coeffs, &plan, Kernels::Differentiable);
+            let old = loss_with(&m, &coeffs, &plan, Kernels::Composed);
+            let (a, b) = (
+                new.to_scalar::<f32>().unwrap(),
+                old.to_scalar::<f32>().unwrap(),
+            );
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "{arch:?}: loss {a} vs composed {b}"
+            );
+            let (ga, gb) = (new.backward().unwrap(), old.backward().unwrap());
+            for (name, var) in m.vars() {
+                let skipped = name.starts_with("model.layers.1.");
+                match (ga.get(var), gb.get(var)) {
+                    (Some(x), Some(y)) => {
+                        let d = common::max_abs_diff(x, y);
+                        let scale = y.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                        let scale = scale.to_scalar::<f32>().unwrap();
+                        assert!(
+                            d <= 1e-4 * scale,
+                            "{arch:?} {name}: gradients differ by {d} (scale {scale})"
+                        );
+                    }
+                    (None, None) if skipped && plan.len() < 3 => {}
+                    (x, y) => panic!(
+                        "{arch:?} {name}: gradient present {} vs composed {}",
+                        x.is_some(),
+                        y.is_some()
+                    ),
+                }
+            }
         }
     }
 }

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod assets;
 mod bench_ring;
+mod bench_train;
 mod lm;
 mod modelargs;
 mod score;
@@ -29,7 +30,7 @@ enum Command {
     Logprobs(lm::LogprobsArgs),
     /// Score completions from a JSON Lines file with a reward (for debugging a reward module).
     Score(score::ScoreArgs),
-    /// Measure the shared-memory transport against memcpy.
+    /// Measure the shared-memory transport against memcpy, or the learner's training pass.
     #[command(subcommand)]
     Bench(Bench),
     /// Fetch the default assets (model and GSM8K problems) into the asset cache.
@@ -46,6 +47,12 @@ enum Bench {
     Ring(bench_ring::BenchRingArgs),
     /// Weight store publish and read of a parameter set (default: SmolLM2-135M's shapes).
     Weights(bench_ring::BenchWeightsArgs),
+    /// Learner forward + backward throughput and peak memory, against a plain f32 GEMM.
+    #[command(long_about = bench_train::LONG_ABOUT)]
+    Train(bench_train::BenchTrainArgs),
+    /// The child process `bench train` starts per thread count (not for direct use).
+    #[command(hide = true)]
+    TrainChild(bench_train::BenchTrainChildArgs),
     /// The peer process `bench ring` starts (not for direct use).
     #[command(hide = true)]
     RingPeer(bench_ring::BenchRingPeerArgs),
@@ -61,6 +68,8 @@ fn main() -> Result<()> {
         Command::Bench(Bench::Ring(args)) => bench_ring::run_ring(&args),
         Command::Bench(Bench::Weights(args)) => bench_ring::run_weights(&args),
         Command::Bench(Bench::RingPeer(args)) => bench_ring::run_ring_peer(&args),
+        Command::Bench(Bench::Train(args)) => bench_train::run(&args),
+        Command::Bench(Bench::TrainChild(args)) => bench_train::run_child(&args),
         Command::Fetch { what } => assets::fetch(&what),
     }
 }
