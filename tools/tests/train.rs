@@ -39,7 +39,10 @@ fn two_local_steps_write_metrics_plot_and_a_model_that_loads_back() {
     assert!(out.status.success(), "{stderr}");
 
     let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
-    let lines: Vec<Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "{metrics}");
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["step"], i as u64);
@@ -51,7 +54,11 @@ fn two_local_steps_write_metrics_plot_and_a_model_that_loads_back() {
     }
 
     let svg = std::fs::read_to_string(out_dir.join("reward.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("mean reward"), "{}", &svg[..svg.len().min(200)]);
+    assert!(
+        svg.starts_with("<svg") && svg.contains("mean reward"),
+        "{}",
+        &svg[..svg.len().min(200)]
+    );
     let config = std::fs::read_to_string(out_dir.join("config.toml")).unwrap();
     assert!(config.contains("steps = 2"), "{config}");
 
@@ -69,7 +76,11 @@ fn two_local_steps_write_metrics_plot_and_a_model_that_loads_back() {
         "--temperature",
         "0",
     ]);
-    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
     assert!(!gen.stdout.is_empty());
 }
 
@@ -96,19 +107,42 @@ fn bad_configuration_is_one_clear_error() {
     std::fs::write(&file, "stepz = 3\n").unwrap();
     let out = run(&["train", "--config", file.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("stepz"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("stepz"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn print_config_round_trips_through_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run(&["train", "--print-config", "--correction", "retrace", "--steps", "7"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "train",
+        "--print-config",
+        "--correction",
+        "retrace",
+        "--steps",
+        "7",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("kind = \"retrace\""), "{text}");
     let file = dir.path().join("cfg.toml");
     std::fs::write(&file, &text).unwrap();
-    let again = run(&["train", "--print-config", "--config", file.to_str().unwrap()]);
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let again = run(&[
+        "train",
+        "--print-config",
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     assert_eq!(String::from_utf8(again.stdout).unwrap(), text);
 }

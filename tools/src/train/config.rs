@@ -103,7 +103,7 @@ impl Default for TrainFile {
             update: UpdateConfig {
                 temperature: 0.7,
                 optim: learner::OptimConfig {
-                    lr: 2e-5,
+                    lr: 3e-5,
                     ..learner::OptimConfig::default()
                 },
                 ..UpdateConfig::default()
@@ -174,7 +174,7 @@ pub struct TrainArgs {
     /// Sampling temperature; the target is scored at the same one [default: 0.7].
     #[arg(long, env = "NESTED_REFT_TEMPERATURE")]
     pub temperature: Option<f64>,
-    /// Peak learning rate of AdamW [default: 2e-5].
+    /// Peak learning rate of AdamW [default: 3e-5].
     #[arg(long, env = "NESTED_REFT_LR")]
     pub lr: Option<f64>,
     /// Linear warmup steps [default: 0].

@@ -4,6 +4,9 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
+/// Steps in the trailing mean of the reward.
+const TREND: usize = 5;
+
 /// Plots mean reward and accuracy per step (`(step, reward, accuracy)`) to an SVG file.
 pub fn reward_curve(path: &Path, title: &str, points: &[(u64, f64, f64)]) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("while drawing {}: {e}", path.display());
@@ -25,22 +28,41 @@ pub fn reward_curve(path: &Path, title: &str, points: &[(u64, f64, f64)]) -> Res
         .y_desc("per batch")
         .draw()
         .map_err(|e| err(&e))?;
+    // Reward and accuracy coincide for a 0/1 reward: the raw reward is drawn wide and light,
+    // accuracy thin on top, and a trailing mean of the reward shows the trend.
+    let light = RGBColor(150, 180, 255);
     chart
         .draw_series(LineSeries::new(
             points.iter().map(|p| (p.0, p.1)),
-            BLUE.stroke_width(2),
+            light.stroke_width(5),
         ))
         .map_err(|e| err(&e))?
         .label("mean reward")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], light.stroke_width(5)));
     chart
         .draw_series(LineSeries::new(
             points.iter().map(|p| (p.0, p.2)),
-            RED.stroke_width(2),
+            RED.stroke_width(1),
         ))
         .map_err(|e| err(&e))?
         .label("accuracy")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(1)));
+    let trend: Vec<(u64, f64)> = points
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let window = &points[i.saturating_sub(TREND - 1)..=i];
+            (
+                p.0,
+                window.iter().map(|q| q.1).sum::<f64>() / window.len() as f64,
+            )
+        })
+        .collect();
+    chart
+        .draw_series(LineSeries::new(trend, BLUE.stroke_width(2)))
+        .map_err(|e| err(&e))?
+        .label(format!("mean reward, last {TREND} steps"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
