@@ -146,3 +146,58 @@ fn print_config_round_trips_through_a_file() {
     );
     assert_eq!(String::from_utf8(again.stdout).unwrap(), text);
 }
+
+#[test]
+fn ctrl_c_stops_after_the_current_step_and_still_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nested-reft"))
+        .args([
+            "train",
+            "--steps",
+            "200",
+            "--prompts-per-batch",
+            "1",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--output-dir",
+            out_dir.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait (with a watchdog) until the first step is logged, then interrupt.
+    let metrics = out_dir.join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() == 0) {
+        assert!(
+            start.elapsed().as_secs() < 600,
+            "no step finished within 10 minutes"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "train exited before its first step"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: stopping after step"),
+        "{stderr}"
+    );
+    let steps = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert!((1..200).contains(&steps), "{steps} steps");
+    assert!(out_dir.join("reward.svg").is_file());
+    assert!(out_dir.join("model").join("model.safetensors").is_file());
+    assert!(!out_dir.join("model.tmp").exists());
+}

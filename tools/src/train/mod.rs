@@ -171,7 +171,8 @@ fn train(cfg: &TrainConfig, args: &TrainArgs) -> Result<()> {
         }
         bar.inc(1);
         if stop.load(Ordering::SeqCst) {
-            bar.println(format!("interrupted: stopping after step {}", step + 1));
+            // `suspend` prints whether or not the bar is drawn (a hidden bar drops `println`).
+            bar.suspend(|| eprintln!("interrupted: stopping after step {}", step + 1));
             break;
         }
     }
