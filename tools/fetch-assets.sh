@@ -10,7 +10,7 @@
 set -euo pipefail
 
 what=${1:-all}
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" 2>/dev/null && pwd || pwd)
+here=$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" 2>/dev/null && pwd || pwd)
 assets=${NESTED_REFT_ASSETS:-$here/../.assets}
 mkdir -p "$assets"
 assets=$(cd "$assets" && pwd)
