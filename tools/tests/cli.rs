@@ -146,3 +146,16 @@ fn bad_input_fails_with_a_clear_message() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn fetch_of_cached_assets_is_quiet_and_succeeds() {
+    // The assets are cached by the test set-up, so this only verifies them.
+    let out = run(&["fetch", "gsm8k"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("unbound variable"), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("100 problems")
+            || String::from_utf8_lossy(&out.stdout).contains("cached")
+    );
+}
