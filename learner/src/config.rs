@@ -118,11 +118,12 @@ pub struct OptimConfig {
     pub lr: f64,
     /// Floor of the cosine decay.
     pub min_lr: f64,
-    /// Linear warmup from 0 to `lr` over this many steps.
+    /// Linear warmup from 0 to `lr` over this many optimizer steps.
     pub warmup_steps: u64,
     /// Shape after warmup.
     pub decay: Decay,
-    /// Steps the cosine decay spans (warmup included).
+    /// Optimizer steps the cosine decay spans (warmup included); 0 lets the training loop set
+    /// it to the run's length (steps × epochs).
     pub total_steps: u64,
     /// AdamW β1.
     pub beta1: f64,
@@ -143,7 +144,7 @@ impl Default for OptimConfig {
             min_lr: 0.0,
             warmup_steps: 0,
             decay: Decay::Constant,
-            total_steps: 100,
+            total_steps: 0,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,

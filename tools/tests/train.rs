@@ -145,6 +145,10 @@ fn print_config_round_trips_through_a_file() {
         String::from_utf8_lossy(&again.stderr)
     );
     assert_eq!(String::from_utf8(again.stdout).unwrap(), text);
+    // The learning-rate schedule spans the run's optimizer steps: steps × epochs.
+    let out = run(&["train", "--print-config", "--steps", "7", "--epochs", "2"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("total_steps = 14"), "{text}");
 }
 
 #[test]

@@ -361,8 +361,9 @@ fn validate(f: &mut TrainFile) -> Result<()> {
             f.update.temperature
         );
     }
-    if f.update.optim.total_steps < f.steps {
-        f.update.optim.total_steps = f.steps;
+    if f.update.optim.total_steps == 0 {
+        // The schedule counts optimizer steps: `epochs` per training step.
+        f.update.optim.total_steps = f.steps.saturating_mul(f.update.epochs as u64);
     }
     f.generator = f.generator.clone().validate()?;
     f.update = f.update.clone().validate()?;
