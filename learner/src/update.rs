@@ -81,6 +81,8 @@ pub struct BatchGradient {
     pub kl_loss: f64,
     /// Tokens the PPO clip removed.
     pub clipped_tokens: usize,
+    /// Micro-batches the batch was split into.
+    pub micro_batches: usize,
 }
 
 /// Per-sequence quantities fixed at the start of a step (first epoch) and reused by later ones.
@@ -208,7 +210,7 @@ impl Learner {
                 stats.pg_loss = grad.pg_loss;
                 stats.kl_ref = grad.kl_loss;
                 fill_ratio_stats(&mut stats, batch, &cache);
-                stats.micro_batches = self.micro_batches(batch).len();
+                stats.micro_batches = grad.micro_batches;
             } else {
                 clipped += grad.clipped_tokens;
             }
@@ -320,8 +322,10 @@ impl Learner {
             pg_loss: 0.0,
             kl_loss: 0.0,
             clipped_tokens: 0,
+            micro_batches: 0,
         };
         for micro in self.micro_batches(batch) {
+            out.micro_batches += 1;
             let seqs: Vec<&TrainSequence> = micro.iter().map(|&i| &batch.sequences[i]).collect();
             let requests: Vec<ScoreRequest<'_>> = seqs
                 .iter()

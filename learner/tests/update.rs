@@ -50,6 +50,12 @@ fn gradient_does_not_depend_on_micro_batch_size() {
             };
             let l = tiny_learner(11, 3, 9, DType::F32, cfg);
             let g = l.gradient(&batch).unwrap();
+            if budget == 1 {
+                assert_eq!(
+                    g.micro_batches, 7,
+                    "a budget below one sequence still packs one each"
+                );
+            }
             (flatten(&l, &g), g.loss)
         };
         let (whole, loss) = grad_with(1 << 20);
@@ -188,6 +194,10 @@ fn a_step_moves_the_weights_and_reports_statistics() {
     assert!(before != after);
     assert_eq!(s.tokens, 26);
     assert_eq!(s.sequences, 7);
+    assert_eq!(
+        s.micro_batches, 1,
+        "seven short sequences fit one default micro-batch"
+    );
     assert!(s.ratio_mean > 0.0 && s.ratio_max >= s.ratio_mean);
     assert!(s.kl_behavior_k3 >= 0.0);
     assert!(s.ess_frac > 0.0 && s.ess_frac <= 1.0 + 1e-12);
