@@ -37,6 +37,10 @@ fn two_local_steps_write_metrics_plot_and_a_model_that_loads_back() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("on arithmetic:1 (1000 problems, seed 0)"),
+        "{stderr}"
+    );
 
     let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
     let lines: Vec<Value> = metrics

@@ -184,6 +184,28 @@ impl ParseSpecError {
 ///   the default field names, not strict.
 ///
 /// The caller may change the other fields (count, seed, strict) afterwards.
+/// The command-line form (`arithmetic:2`, `gsm8k`, `gsm8k:DIR`, a path), plus the settings that
+/// form cannot carry.
+impl std::fmt::Display for DatasetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Jsonl { path, strict, .. } => {
+                write!(
+                    f,
+                    "{}{}",
+                    path.display(),
+                    if *strict { " (strict)" } else { "" }
+                )
+            }
+            Self::Gsm8k { dir: None } => write!(f, "gsm8k"),
+            Self::Gsm8k { dir: Some(d) } => write!(f, "gsm8k:{}", d.display()),
+            Self::Arithmetic { level, count, seed } => {
+                write!(f, "arithmetic:{level} ({count} problems, seed {seed})")
+            }
+        }
+    }
+}
+
 impl FromStr for DatasetSpec {
     type Err = ParseSpecError;
 

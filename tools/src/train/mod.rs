@@ -46,10 +46,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
         return Ok(());
     }
-    train(&cfg, &args)
+    train(&cfg)
 }
 
-fn train(cfg: &TrainConfig, args: &TrainArgs) -> Result<()> {
+fn train(cfg: &TrainConfig) -> Result<()> {
     let f = &cfg.file;
     let out = &cfg.output_dir;
     std::fs::create_dir_all(out).with_context(|| format!("while creating {}", out.display()))?;
@@ -103,7 +103,7 @@ fn train(cfg: &TrainConfig, args: &TrainArgs) -> Result<()> {
         "training {} on {} for {} steps: {} prompts × {} completions per batch, correction {}, \
          plan {}; writing to {}",
         model_args.path()?.display(),
-        args.dataset.as_deref().unwrap_or("the configured dataset"),
+        f.dataset,
         f.steps,
         f.generator.prompts_per_batch,
         f.generator.group_size,
