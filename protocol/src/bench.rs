@@ -125,7 +125,7 @@ impl RingReport {
 /// about 8 MiB of slots, at least 8 and at most 1024 of them.
 pub fn bench_descriptor(record_bytes: usize) -> Result<Descriptor, BenchError> {
     let capacity = ((8usize << 20) / record_bytes.max(1)).clamp(8, 1024) as u32;
-    let fixed = 112 + 4 * PROMPT_TOKENS + 2 * PLAN_LAYERS;
+    let fixed = 128 + 4 * PROMPT_TOKENS + 2 * PLAN_LAYERS;
     if record_bytes < fixed + 8 {
         return Err(BenchError::Invalid(format!(
             "records must be at least {} bytes",
@@ -201,6 +201,9 @@ impl Payload {
             group_id: 0,
             batch_id: op,
             policy_version: 0,
+            group_size: 1,
+            group_index: 0,
+            batch_groups: 1,
             prompt: &self.prompt,
             completion: &self.completion.as_slice()[..n],
             logprobs: &self.logprobs.as_slice()[..n],

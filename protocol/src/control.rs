@@ -25,6 +25,13 @@ pub struct Hello {
     pub model_hash: String,
     /// Hash of the weight-store [`crate::Manifest`].
     pub manifest_hash: String,
+    /// Where the sender stands, so that a restarted peer resynchronises (not compared). The
+    /// learner: the policy version it has published (0: none yet). The rollout server: the
+    /// version of the weights it generates with (0: none yet).
+    pub policy_version: u64,
+    /// The learner: the batch it is training on now (`None`: idle). The rollout server: the id
+    /// of the next batch it will generate.
+    pub batch_id: Option<u64>,
 }
 
 /// Control messages after the handshake.
@@ -36,6 +43,14 @@ pub enum Message {
     /// The learner published weight version `version` in the weight store.
     WeightsPublished {
         /// The new version.
+        version: u64,
+    },
+    /// The learner is done with batch `batch_id` (trained on it, or dropped it) and the
+    /// weights of policy version `version` are published.
+    Trained {
+        /// The batch.
+        batch_id: u64,
+        /// The published version.
         version: u64,
     },
     /// Stop after the current step.

@@ -30,6 +30,21 @@ pub enum RecordError {
     /// The failed flag is neither 0 nor 1.
     #[error("reward failed flag is {0}, expected 0 or 1")]
     BadFlag(u32),
+    /// The group fields are inconsistent (empty group, index out of range, empty batch).
+    #[error(
+        "bad group fields: index {index} of a group of {size}, batch of {batch_groups} groups"
+    )]
+    BadGroup {
+        /// Declared group size.
+        size: u32,
+        /// Declared index in the group.
+        index: u32,
+        /// Declared groups in the batch.
+        batch_groups: u32,
+    },
+    /// The reserved header word is not zero.
+    #[error("reserved header word is {0}, expected 0")]
+    NonZeroReserved(u32),
     /// Size arithmetic overflowed.
     #[error("record size overflows")]
     Overflow,
@@ -175,6 +190,9 @@ pub enum PublishError {
     /// Lock syscall failure while checking reader liveness.
     #[error("checking reader liveness: {0}")]
     Lock(#[from] std::io::Error),
+    /// An explicit version outside 1..2^56.
+    #[error("version {0} cannot be published (must be in 1..2^56)")]
+    BadVersion(u64),
 }
 
 /// [`crate::Writer::try_publish_slot`] failed; readers still see the previous version.

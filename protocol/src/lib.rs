@@ -61,4 +61,4 @@ pub use weights::{
 };
 
 /// The layout version announced in the control handshake: bumps when any wire layout changes.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -1,7 +1,7 @@
 //! The rollout record: one sampled completion with everything the learner needs.
 //!
 //! Wire layout inside a ring slot (native little-endian, every offset a multiple of 4):
-//! a [`RecordHeader`] (`#[repr(C)]`, 112 bytes), then `prompt` as u32 token ids, `completion` as
+//! a [`RecordHeader`] (`#[repr(C)]`, 128 bytes), then `prompt` as u32 token ids, `completion` as
 //! u32 token ids, `logprobs` as f32 (one per completion token), `plan` as u16 layer indices
 //! padded to 4 bytes. Decoding trusts no length: every count is checked against the
 //! [`Limits`] and the total against the payload size, with checked arithmetic.
@@ -107,6 +107,12 @@ pub struct RecordView<'a> {
     pub batch_id: u64,
     /// Weight version the completion was sampled with.
     pub policy_version: u64,
+    /// Completions in this record's group (G).
+    pub group_size: u32,
+    /// This completion's index in its group, `< group_size`.
+    pub group_index: u32,
+    /// Groups in this record's batch (the learner knows from it when a batch is complete).
+    pub batch_groups: u32,
     /// Prompt token ids.
     pub prompt: &'a [u32],
     /// Completion token ids.
@@ -136,6 +142,12 @@ pub struct RolloutRecord {
     pub batch_id: u64,
     /// Weight version the completion was sampled with.
     pub policy_version: u64,
+    /// Completions in this record's group (G).
+    pub group_size: u32,
+    /// This completion's index in its group, `< group_size`.
+    pub group_index: u32,
+    /// Groups in this record's batch.
+    pub batch_groups: u32,
     /// Prompt token ids.
     pub prompt: Vec<u32>,
     /// Completion token ids.
@@ -162,6 +174,9 @@ impl RolloutRecord {
             group_id: self.group_id,
             batch_id: self.batch_id,
             policy_version: self.policy_version,
+            group_size: self.group_size,
+            group_index: self.group_index,
+            batch_groups: self.batch_groups,
             prompt: &self.prompt,
             completion: &self.completion,
             logprobs: &self.logprobs,
@@ -182,6 +197,9 @@ impl RecordView<'_> {
             group_id: self.group_id,
             batch_id: self.batch_id,
             policy_version: self.policy_version,
+            group_size: self.group_size,
+            group_index: self.group_index,
+            batch_groups: self.batch_groups,
             prompt: self.prompt.to_vec(),
             completion: self.completion.to_vec(),
             logprobs: self.logprobs.to_vec(),
@@ -202,6 +220,7 @@ impl RecordView<'_> {
             limits.max_completion_tokens,
         )?;
         check_count("plan", self.plan.len(), limits.max_plan_layers)?;
+        check_group(self.group_size, self.group_index, self.batch_groups)?;
         if self.logprobs.len() != self.completion.len() {
             return Err(RecordError::LogprobCount {
                 logprobs: self.logprobs.len(),
@@ -217,6 +236,18 @@ impl RecordView<'_> {
         }
         encoded_len(self.prompt.len(), self.completion.len(), self.plan.len())
             .ok_or(RecordError::Overflow)
+    }
+}
+
+fn check_group(size: u32, index: u32, batch_groups: u32) -> Result<(), RecordError> {
+    if size == 0 || index >= size || batch_groups == 0 {
+        Err(RecordError::BadGroup {
+            size,
+            index,
+            batch_groups,
+        })
+    } else {
+        Ok(())
     }
 }
 
@@ -250,10 +281,15 @@ pub(crate) struct RecordHeader {
     n_prompt: u32,
     n_completion: u32,
     n_plan: u32,
+    group_size: u32,
+    group_index: u32,
+    batch_groups: u32,
+    /// Always 0 (keeps the header a multiple of 8 bytes; one encoding per record).
+    reserved: u32,
 }
 
 pub(crate) const RECORD_HEADER_BYTES: usize = std::mem::size_of::<RecordHeader>();
-const _: () = assert!(RECORD_HEADER_BYTES == 112);
+const _: () = assert!(RECORD_HEADER_BYTES == 128);
 
 /// Encoded size of a record with these counts, or `None` on overflow.
 pub(crate) fn encoded_len(n_prompt: usize, n_completion: usize, n_plan: usize) -> Option<usize> {
@@ -306,6 +342,10 @@ impl RecordView<'_> {
             n_prompt: self.prompt.len() as u32,
             n_completion: self.completion.len() as u32,
             n_plan: self.plan.len() as u32,
+            group_size: self.group_size,
+            group_index: self.group_index,
+            batch_groups: self.batch_groups,
+            reserved: 0,
         }
     }
 
@@ -406,6 +446,10 @@ pub fn decode_record<'a>(bytes: &'a [u8], limits: &Limits) -> Result<RecordRef<'
         });
     }
     let finish = FinishReason::from_u32(h.finish).ok_or(RecordError::BadFinishReason(h.finish))?;
+    check_group(h.group_size, h.group_index, h.batch_groups)?;
+    if h.reserved != 0 {
+        return Err(RecordError::NonZeroReserved(h.reserved));
+    }
     let failed = match h.failed {
         0 => false,
         1 => true,
@@ -438,6 +482,9 @@ pub fn decode_record<'a>(bytes: &'a [u8], limits: &Limits) -> Result<RecordRef<'
             group_id: h.group_id,
             batch_id: h.batch_id,
             policy_version: h.policy_version,
+            group_size: h.group_size,
+            group_index: h.group_index,
+            batch_groups: h.batch_groups,
             prompt: std::slice::from_raw_parts(
                 bytes.as_ptr().add(l.prompt).cast(),
                 h.n_prompt as usize,

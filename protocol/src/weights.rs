@@ -335,6 +335,31 @@ impl Writer {
         timeout: Duration,
         fill: impl FnOnce(u32, &mut [u8]) -> Result<(), E>,
     ) -> Result<u64, PublishSlotError<E>> {
+        self.publish_inner(None, timeout, fill)
+    }
+
+    /// Like [`Self::publish`], but publishes under the caller's `version` (≥ 1, < 2^56), which
+    /// need not be the previous version + 1: the learner publishes its optimizer step, and a
+    /// learner resumed from an older checkpoint republishes that older step. Readers that must
+    /// notice such a rollback compare ([`Reader::writer_generation`], version) pairs.
+    pub fn publish_version<E>(
+        &mut self,
+        version: u64,
+        timeout: Duration,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<u64, PublishSlotError<E>> {
+        if version == 0 || version >= 1 << 56 {
+            return Err(PublishError::BadVersion(version).into());
+        }
+        self.publish_inner(Some(version), timeout, |_, bytes| fill(bytes))
+    }
+
+    fn publish_inner<E>(
+        &mut self,
+        explicit: Option<u64>,
+        timeout: Duration,
+        fill: impl FnOnce(u32, &mut [u8]) -> Result<(), E>,
+    ) -> Result<u64, PublishSlotError<E>> {
         // SeqCst: only this process stores the control word; see the module protocol.
         let (version, current) = unpack(self.store.control().load(Ordering::SeqCst));
         let start = Instant::now();
@@ -357,7 +382,7 @@ impl Writer {
         // process has exclusive access to its `len ≤ stride` bytes until the store below.
         let data = unsafe { std::slice::from_raw_parts_mut(self.store.slot_ptr(slot), len) };
         fill(slot, data).map_err(PublishSlotError::Fill)?;
-        let next = version + 1;
+        let next = explicit.unwrap_or(version + 1);
         // SeqCst (⊇ Release): publishes the slot's bytes to readers, pairing with their SeqCst
         // control loads in `Reader::pin`; SeqCst orders it before our next pin scan.
         self.store
@@ -411,6 +436,12 @@ impl Reader {
     pub fn latest_version(&self) -> u64 {
         // Acquire: pairs with the writer's control store (value only used as a hint).
         unpack(self.store.control().load(Ordering::Acquire)).0
+    }
+
+    /// The writer's generation: 1 for the creator, +1 per writer restart.
+    pub fn writer_generation(&self) -> u64 {
+        // Acquire: pairs with the writer's AcqRel increment (the value is only compared).
+        self.store.word(OFF_GENERATION).load(Ordering::Acquire)
     }
 
     /// Whether a writer process currently holds the store.

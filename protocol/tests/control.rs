@@ -14,6 +14,8 @@ fn hello(role: &str, layout_version: u32) -> Hello {
         layout_version,
         model_hash: "m1".into(),
         manifest_hash: "abc".into(),
+        policy_version: 0,
+        batch_id: None,
     }
 }
 

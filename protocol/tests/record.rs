@@ -62,7 +62,7 @@ fn decoding_checks_counts_lengths_and_codes() {
     assert!(matches!(
         decode_record(as_bytes(&buf, 50), &limits),
         Err(RecordError::Truncated {
-            needed: 112,
+            needed: 128,
             found: 50
         })
     ));
@@ -94,6 +94,33 @@ fn decoding_checks_counts_lengths_and_codes() {
         decode_record(as_bytes(&b, bad.len()), &limits),
         Err(RecordError::BadFinishReason(99))
     );
+    // Group index beyond the group size (offset 116 = group_index, 112 = group_size).
+    let mut bad = bytes.clone();
+    bad[116..120].copy_from_slice(&4u32.to_le_bytes());
+    let b = aligned(&bad);
+    assert_eq!(
+        decode_record(as_bytes(&b, bad.len()), &limits),
+        Err(RecordError::BadGroup {
+            size: 4,
+            index: 4,
+            batch_groups: 4
+        })
+    );
+    // A non-zero reserved word (offset 124) is refused, so every record has one encoding.
+    let mut bad = bytes.clone();
+    bad[124..128].copy_from_slice(&1u32.to_le_bytes());
+    let b = aligned(&bad);
+    assert_eq!(
+        decode_record(as_bytes(&b, bad.len()), &limits),
+        Err(RecordError::NonZeroReserved(1))
+    );
+    // Writing refuses an inconsistent group too.
+    let mut rec0 = common::record(3);
+    rec0.group_size = 0;
+    assert!(matches!(
+        encode_record(&rec0.as_view(), &limits),
+        Err(RecordError::BadGroup { size: 0, .. })
+    ));
     // Misaligned buffer.
     let b = aligned(&[bytes.as_slice(), &[0u8; 4]].concat());
     let shifted = &as_bytes(&b, bytes.len() + 4)[1..bytes.len() + 1];

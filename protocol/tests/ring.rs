@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use protocol::{
     parse_ring_header, CorruptReason, Descriptor, HeaderError, OpenError, PopError, PushError,
-    RolloutRing, SegmentError, RING_MAGIC,
+    RolloutRing, SegmentError, RING_LAYOUT_VERSION, RING_MAGIC,
 };
 
 const T: Duration = Duration::from_secs(5);
@@ -174,7 +174,7 @@ fn corrupt_magic_version_and_descriptor_are_typed_errors() {
             (
                 1,
                 HeaderError::BadVersion {
-                    expected: 1,
+                    expected: RING_LAYOUT_VERSION,
                     found: 9,
                 },
             ) => {}

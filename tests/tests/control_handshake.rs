@@ -12,6 +12,8 @@ fn hello(layout_version: u32) -> Hello {
         layout_version,
         model_hash: "model".into(),
         manifest_hash: "manifest".into(),
+        policy_version: 0,
+        batch_id: None,
     }
 }
 

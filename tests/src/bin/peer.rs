@@ -237,6 +237,8 @@ fn control_client(server: &str, layout_version: u32) -> Result<()> {
         layout_version,
         model_hash: "model".into(),
         manifest_hash: "manifest".into(),
+        policy_version: 0,
+        batch_id: None,
     };
     match connect(server, hello, WATCHDOG) {
         Ok(conn) => {
