@@ -125,6 +125,70 @@ impl ModelConfig {
         v * h + self.num_layers * layer + h + head
     }
 
+    /// Every parameter of the decoder, in the one canonical order: names (Hugging Face
+    /// naming) and shapes. This list is the single description of the parameters; the decoder
+    /// is built from it, [`crate::Weights::random`] fills it, and the weight bridge
+    /// ([`crate::WeightBridge`]) derives the weight-store manifest and both copies from it.
+    pub fn parameter_specs(&self) -> Vec<ParamSpec> {
+        let (h, hd, inter) = (self.hidden_size, self.head_dim, self.intermediate_size);
+        let (nh, nkv) = (self.num_heads, self.num_kv_heads);
+        let mut out = vec![ParamSpec::new(
+            "model.embed_tokens.weight".into(),
+            vec![self.vocab_size, h],
+        )];
+        for l in 0..self.num_layers {
+            let p = format!("model.layers.{l}");
+            out.push(ParamSpec::new(
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+            ));
+            for (name, rows) in [
+                ("q_proj", nh * hd),
+                ("k_proj", nkv * hd),
+                ("v_proj", nkv * hd),
+            ] {
+                out.push(ParamSpec::new(
+                    format!("{p}.self_attn.{name}.weight"),
+                    vec![rows, h],
+                ));
+                if self.architecture.qkv_bias() {
+                    out.push(ParamSpec::new(
+                        format!("{p}.self_attn.{name}.bias"),
+                        vec![rows],
+                    ));
+                }
+            }
+            out.push(ParamSpec::new(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, nh * hd],
+            ));
+            out.push(ParamSpec::new(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+            ));
+            out.push(ParamSpec::new(
+                format!("{p}.mlp.gate_proj.weight"),
+                vec![inter, h],
+            ));
+            out.push(ParamSpec::new(
+                format!("{p}.mlp.up_proj.weight"),
+                vec![inter, h],
+            ));
+            out.push(ParamSpec::new(
+                format!("{p}.mlp.down_proj.weight"),
+                vec![h, inter],
+            ));
+        }
+        out.push(ParamSpec::new("model.norm.weight".into(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(ParamSpec::new(
+                "lm_head.weight".into(),
+                vec![self.vocab_size, h],
+            ));
+        }
+        out
+    }
+
     /// A tiny random-weight configuration for tests and examples.
     pub fn tiny(architecture: Architecture, vocab_size: usize, num_layers: usize) -> Self {
         Self {
@@ -245,5 +309,30 @@ impl HfConfig {
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
         }
         .validate()
+    }
+}
+
+/// One parameter of the decoder: its name and shape (see [`ModelConfig::parameter_specs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    /// Hugging Face name, e.g. `model.layers.3.mlp.up_proj.weight`.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl ParamSpec {
+    fn new(name: String, shape: Vec<usize>) -> Self {
+        Self { name, shape }
+    }
+
+    /// Number of elements.
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether this is a normalisation weight (initialised near 1, not near 0).
+    pub fn is_norm(&self) -> bool {
+        self.name.ends_with("norm.weight")
     }
 }

@@ -274,6 +274,7 @@ pub struct Decoder {
     lm_head: Option<Tensor>,
     rope_cos: Tensor,
     rope_sin: Tensor,
+    params: Vec<(String, Tensor)>,
     vars: Vec<(String, Var)>,
     device: Device,
     dtype: DType,
@@ -284,68 +285,72 @@ impl Decoder {
     /// parameter becomes a [`Var`] (see [`Decoder::vars`]) that an optimiser can update in place.
     pub fn new(cfg: &ModelConfig, weights: &Weights, trainable: bool) -> Result<Self> {
         let cfg = cfg.clone().validate()?;
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (nh, nkv, inter) = (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
+        // Every parameter comes from the one list, in its order; the fields below take clones
+        // of these tensors (shared storage), so `params` and the layers are the same weights.
+        let mut params = Vec::new();
         let mut vars = Vec::new();
-        let mut get = |name: String, shape: &[usize]| -> Result<Tensor> {
-            let t = weights.get(&name, shape)?;
-            if trainable {
+        for spec in cfg.parameter_specs() {
+            let t = weights.get(&spec.name, &spec.shape)?;
+            let t = if trainable {
                 let var = Var::from_tensor(&t)?;
                 let t = var.as_tensor().clone();
-                vars.push((name, var));
-                Ok(t)
+                vars.push((spec.name.clone(), var));
+                t
             } else {
-                Ok(t)
-            }
+                t
+            };
+            params.push((spec.name, t));
+        }
+        let by_name: std::collections::HashMap<&str, &Tensor> =
+            params.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let get = |name: String| -> Result<Tensor> {
+            by_name
+                .get(name.as_str())
+                .map(|t| (*t).clone())
+                .ok_or(ModelError::MissingWeight(name))
         };
-        let embed_tokens = get("model.embed_tokens.weight".into(), &[cfg.vocab_size, h])?;
+        let embed_tokens = get("model.embed_tokens.weight".into())?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
             let bias = cfg.architecture.qkv_bias();
-            let mut opt_bias = |name: &str, n: usize| -> Result<Option<Tensor>> {
+            let opt_bias = |name: &str| -> Result<Option<Tensor>> {
                 if bias {
-                    Ok(Some(get(format!("{p}.self_attn.{name}.bias"), &[n])?))
+                    Ok(Some(get(format!("{p}.self_attn.{name}.bias"))?))
                 } else {
                     Ok(None)
                 }
             };
-            let q_bias = opt_bias("q_proj", nh * hd)?;
-            let k_bias = opt_bias("k_proj", nkv * hd)?;
-            let v_bias = opt_bias("v_proj", nkv * hd)?;
             let self_attn = SelfAttn {
-                q_proj: get(format!("{p}.self_attn.q_proj.weight"), &[nh * hd, h])?,
-                k_proj: get(format!("{p}.self_attn.k_proj.weight"), &[nkv * hd, h])?,
-                v_proj: get(format!("{p}.self_attn.v_proj.weight"), &[nkv * hd, h])?,
-                o_proj: get(format!("{p}.self_attn.o_proj.weight"), &[h, nh * hd])?,
-                q_bias,
-                k_bias,
-                v_bias,
+                q_proj: get(format!("{p}.self_attn.q_proj.weight"))?,
+                k_proj: get(format!("{p}.self_attn.k_proj.weight"))?,
+                v_proj: get(format!("{p}.self_attn.v_proj.weight"))?,
+                o_proj: get(format!("{p}.self_attn.o_proj.weight"))?,
+                q_bias: opt_bias("q_proj")?,
+                k_bias: opt_bias("k_proj")?,
+                v_bias: opt_bias("v_proj")?,
             };
             layers.push(Layer {
-                input_layernorm: get(format!("{p}.input_layernorm.weight"), &[h])?,
+                input_layernorm: get(format!("{p}.input_layernorm.weight"))?,
                 self_attn,
-                post_attention_layernorm: get(
-                    format!("{p}.post_attention_layernorm.weight"),
-                    &[h],
-                )?,
+                post_attention_layernorm: get(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_proj: get(format!("{p}.mlp.gate_proj.weight"), &[inter, h])?,
-                    up_proj: get(format!("{p}.mlp.up_proj.weight"), &[inter, h])?,
-                    down_proj: get(format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
+                    gate_proj: get(format!("{p}.mlp.gate_proj.weight"))?,
+                    up_proj: get(format!("{p}.mlp.up_proj.weight"))?,
+                    down_proj: get(format!("{p}.mlp.down_proj.weight"))?,
                 },
             });
         }
-        let norm = get("model.norm.weight".into(), &[h])?;
+        let norm = get("model.norm.weight".into())?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(get("lm_head.weight".into(), &[cfg.vocab_size, h])?)
+            Some(get("lm_head.weight".into())?)
         };
         let device = embed_tokens.device().clone();
         let dtype = embed_tokens.dtype();
         let (rope_cos, rope_sin) = rope_tables(&cfg, dtype, &device)?;
-        let mut model = Self {
+        Ok(Self {
             cfg,
             embed_tokens,
             layers,
@@ -353,19 +358,11 @@ impl Decoder {
             lm_head,
             rope_cos,
             rope_sin,
+            params,
             vars,
             device,
             dtype,
-        };
-        // Variables come out in construction order; keep them in the one canonical order.
-        let order: std::collections::HashMap<String, usize> = model
-            .named_parameters()
-            .into_iter()
-            .enumerate()
-            .map(|(i, (name, _))| (name, i))
-            .collect();
-        model.vars.sort_by_key(|(name, _)| order.get(name).copied());
-        Ok(model)
+        })
     }
 
     /// The validated configuration.
@@ -389,49 +386,10 @@ impl Decoder {
         &self.vars
     }
 
-    /// Every parameter in canonical order: the flat layout the weight store shares.
+    /// Every parameter in the canonical order of [`ModelConfig::parameter_specs`]: the flat
+    /// layout the weight store shares.
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
-        )];
-        for (l, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            let a = &layer.self_attn;
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                layer.input_layernorm.clone(),
-            ));
-            for (name, w, b) in [
-                ("q_proj", &a.q_proj, &a.q_bias),
-                ("k_proj", &a.k_proj, &a.k_bias),
-                ("v_proj", &a.v_proj, &a.v_bias),
-            ] {
-                out.push((format!("{p}.self_attn.{name}.weight"), w.clone()));
-                if let Some(b) = b {
-                    out.push((format!("{p}.self_attn.{name}.bias"), b.clone()));
-                }
-            }
-            out.push((format!("{p}.self_attn.o_proj.weight"), a.o_proj.clone()));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                layer.post_attention_layernorm.clone(),
-            ));
-            out.push((
-                format!("{p}.mlp.gate_proj.weight"),
-                layer.mlp.gate_proj.clone(),
-            ));
-            out.push((format!("{p}.mlp.up_proj.weight"), layer.mlp.up_proj.clone()));
-            out.push((
-                format!("{p}.mlp.down_proj.weight"),
-                layer.mlp.down_proj.clone(),
-            ));
-        }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
-        if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), head.clone()));
-        }
-        out
+        self.params.clone()
     }
 
     /// Checks every id is inside the vocabulary.

@@ -7,6 +7,7 @@
 //! - [`generate`] samples G completions per prompt and records the behavior log-probs.
 //! - [`load_model`] reads a GGUF file or a Hugging Face directory.
 
+mod bridge;
 mod config;
 mod decoder;
 mod error;
@@ -19,7 +20,8 @@ mod sampling;
 mod tokenizer;
 mod weights;
 
-pub use config::{Architecture, HfConfig, ModelConfig};
+pub use bridge::WeightBridge;
+pub use config::{Architecture, HfConfig, ModelConfig, ParamSpec};
 pub use decoder::{Decoder, ForwardCtx, Kernels, KvCache};
 pub use error::{ModelError, Result};
 pub use generate::{

@@ -63,72 +63,58 @@ impl Weights {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tensors = HashMap::new();
-        let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
-        let mut add = |name: String, shape: Vec<usize>, norm: bool| -> Result<()> {
-            let n: usize = shape.iter().product();
-            let data: Vec<f64> = (0..n)
+        // Draw in a fixed order (norms first within a layer, then the attention and MLP
+        // matrices, biases after the attention matrices), so a seed gives the same weights it
+        // always gave.
+        let mut specs = cfg.parameter_specs();
+        specs.sort_by_key(|s| random_draw_rank(&s.name));
+        for spec in specs {
+            let data: Vec<f64> = (0..spec.elements())
                 .map(|_| {
                     let u: f64 = rng.random_range(-1.0..1.0);
-                    if norm {
+                    if spec.is_norm() {
                         1.0 + 0.2 * u
                     } else {
                         0.5 * u
                     }
                 })
                 .collect();
-            tensors.insert(
-                name,
-                Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?,
-            );
-            Ok(())
-        };
-        add(
-            "model.embed_tokens.weight".into(),
-            vec![cfg.vocab_size, h],
-            false,
-        )?;
-        for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}");
-            add(format!("{p}.input_layernorm.weight"), vec![h], true)?;
-            add(
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![h],
-                true,
-            )?;
-            add(
-                format!("{p}.self_attn.q_proj.weight"),
-                vec![nh * hd, h],
-                false,
-            )?;
-            add(
-                format!("{p}.self_attn.k_proj.weight"),
-                vec![nkv * hd, h],
-                false,
-            )?;
-            add(
-                format!("{p}.self_attn.v_proj.weight"),
-                vec![nkv * hd, h],
-                false,
-            )?;
-            add(
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![h, nh * hd],
-                false,
-            )?;
-            if cfg.architecture.qkv_bias() {
-                add(format!("{p}.self_attn.q_proj.bias"), vec![nh * hd], false)?;
-                add(format!("{p}.self_attn.k_proj.bias"), vec![nkv * hd], false)?;
-                add(format!("{p}.self_attn.v_proj.bias"), vec![nkv * hd], false)?;
-            }
-            add(format!("{p}.mlp.gate_proj.weight"), vec![inter, h], false)?;
-            add(format!("{p}.mlp.up_proj.weight"), vec![inter, h], false)?;
-            add(format!("{p}.mlp.down_proj.weight"), vec![h, inter], false)?;
-        }
-        add("model.norm.weight".into(), vec![h], true)?;
-        if !cfg.tie_word_embeddings {
-            add("lm_head.weight".into(), vec![cfg.vocab_size, h], false)?;
+            let t = Tensor::from_vec(data, spec.shape.clone(), device)?.to_dtype(dtype)?;
+            tensors.insert(spec.name, t);
         }
         Ok(Self { tensors })
     }
+}
+
+/// Position of a parameter in the draw order of [`Weights::random`]: by layer, then norms,
+/// q/k/v/o, biases, gate/up/down.
+fn random_draw_rank(name: &str) -> (usize, usize) {
+    const ORDER: [&str; 12] = [
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+        "o_proj.weight",
+        "q_proj.bias",
+        "k_proj.bias",
+        "v_proj.bias",
+        "gate_proj.weight",
+        "up_proj.weight",
+        "down_proj.weight",
+    ];
+    if name == "model.embed_tokens.weight" {
+        return (0, 0);
+    }
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        // model.norm, then lm_head.
+        return (usize::MAX, usize::from(name == "lm_head.weight"));
+    };
+    let (layer, field) = rest.split_once('.').unwrap_or((rest, ""));
+    let layer = layer.parse::<usize>().map_or(usize::MAX - 1, |l| l + 1);
+    let pos = ORDER
+        .iter()
+        .position(|o| field.ends_with(o))
+        .unwrap_or(ORDER.len());
+    (layer, pos)
 }

@@ -499,3 +499,57 @@ fn sharded_safetensors_directory_loads() {
         "{err}"
     );
 }
+
+#[test]
+fn weight_bridge_round_trips_the_real_weights_exactly() {
+    let m = common::smollm();
+    let bridge = WeightBridge::new(m.decoder.config(), &m.tokenizer).unwrap();
+    // The manifest follows the decoder's own parameter order, names and shapes.
+    let params = m.decoder.named_parameters();
+    let specs = bridge.manifest().tensors();
+    assert_eq!(params.len(), specs.len());
+    for ((name, t), spec) in params.iter().zip(specs) {
+        assert_eq!(name, &spec.name);
+        assert_eq!(t.dims(), spec.shape.as_slice());
+    }
+    assert_eq!(
+        specs.len(),
+        m.decoder.config().parameter_specs().len(),
+        "one list of parameters"
+    );
+    let mut slot = vec![0u8; bridge.manifest().total_size()];
+    bridge.write(&m.decoder, &mut slot).unwrap();
+    let copy = bridge.decoder(&slot, &Device::Cpu).unwrap();
+    for ((name, a), (_, b)) in params.iter().zip(copy.named_parameters()) {
+        assert_eq!(
+            common::max_abs_diff(a, &b),
+            0.0,
+            "{name} changed in the round trip"
+        );
+    }
+    // A trainable decoder copies out the same bytes.
+    let trainable = Decoder::new(
+        m.decoder.config(),
+        &Weights::new(params.into_iter().collect(), DType::F32, &Device::Cpu).unwrap(),
+        true,
+    )
+    .unwrap();
+    let mut slot2 = vec![1u8; slot.len()];
+    bridge.write(&trainable, &mut slot2).unwrap();
+    assert!(
+        slot == slot2,
+        "trainable and frozen decoders publish the same bytes"
+    );
+    // A different configuration gives a different model hash and manifest.
+    let mut cfg = m.decoder.config().clone();
+    cfg.rope_theta *= 2.0;
+    let other = WeightBridge::new(&cfg, &m.tokenizer).unwrap();
+    assert_ne!(other.model_hash(), bridge.model_hash());
+    let mut cfg = m.decoder.config().clone();
+    cfg.num_layers -= 1;
+    let other = WeightBridge::new(&cfg, &m.tokenizer).unwrap();
+    assert_ne!(other.manifest().hash(), bridge.manifest().hash());
+    // A slot of the wrong size is an error, not a panic.
+    assert!(bridge.write(&m.decoder, &mut slot[1..]).is_err());
+    assert!(bridge.read(&slot[1..], &Device::Cpu).is_err());
+}

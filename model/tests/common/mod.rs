@@ -6,11 +6,10 @@ use model::{load_model, LoadOptions, LoadedModel};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-/// The asset directory: `$NESTED_REFT_ASSETS`, else `<repository>/.assets`.
+/// The asset cache: `$NESTED_REFT_ASSETS`, else `$XDG_CACHE_HOME/nested-reft`, else
+/// `~/.cache/nested-reft` (the one rule, [`rewards::assets_dir`]).
 pub fn assets_dir() -> PathBuf {
-    std::env::var_os("NESTED_REFT_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.assets")))
+    rewards::assets_dir()
 }
 
 /// Path of the default GGUF; fails with instructions when it has not been fetched.
