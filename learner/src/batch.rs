@@ -166,7 +166,7 @@ pub fn prepare_batch(groups: &[Vec<RolloutRecord>], cfg: &UpdateConfig) -> Resul
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use protocol::{FinishReason, Rewards, Sampling, Timings};
 
@@ -176,6 +176,9 @@ mod tests {
             group_id: group,
             batch_id: 0,
             policy_version: 0,
+            group_size: 1,
+            group_index: 0,
+            batch_groups: 1,
             prompt: vec![1, 2],
             logprobs: vec![-1.0; completion.len()],
             completion,

@@ -1,5 +1,7 @@
 //! Errors of the learner.
 
+use std::path::PathBuf;
+
 /// Why a configuration or an update failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -27,6 +29,28 @@ pub enum LearnerError {
     /// The model failed (shapes, tokens outside the vocabulary, context overflow).
     #[error(transparent)]
     Model(#[from] model::ModelError),
+    /// The saved optimizer state does not fit the optimizer (a tensor missing, of another
+    /// shape or dtype, or unexpected).
+    #[error("optimizer state does not match: {0}")]
+    OptimizerState(String),
+    /// A checkpoint is incomplete, corrupt or does not fit the learner.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint {
+        /// The checkpoint directory (or the file in it) at fault.
+        path: PathBuf,
+        /// What is wrong, naming the file or tensor.
+        reason: String,
+    },
+    /// A file-system operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("writing", "renaming to", …).
+        op: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -7,19 +7,30 @@
 //!   micro-batches, the correction of [`Correction`], the loss with its [`Normalizer`],
 //!   accumulated backward, global-norm clipping, AdamW with a warmup/decay schedule. A
 //!   non-finite loss or gradient skips the step; too many in a row is an error.
+//! - [`Learner::save_checkpoint`] / [`Learner::load_checkpoint`]: atomic checkpoints of the
+//!   model, the [`AdamW`] moments and the counters; [`latest_checkpoint`] finds the one to
+//!   resume from.
 //! - The loss is `−Σ c · log π_θ(y_t)` with a stop-gradient coefficient per token
 //!   ([`token_loss`]), so the gradient does not depend on the micro-batch size.
 
+mod assembly;
 mod batch;
+mod checkpoint;
 mod config;
 mod correction;
 mod error;
+mod optim;
 mod update;
 
+pub use assembly::{AssembledBatch, AssemblyStats, BatchAssembler};
 pub use batch::{group_advantages, prepare_batch, PreparedBatch, TrainSequence};
+pub use checkpoint::{
+    latest_checkpoint, scan_checkpoints, verify_checkpoint, CheckpointScan, CheckpointState,
+};
 pub use config::{
     AdvantageConfig, Correction, Decay, Normalizer, OptimConfig, TisMode, UpdateConfig,
 };
 pub use correction::{sequence_weights, token_loss, SequenceWeights, TokenLoss, TokenTerms};
 pub use error::{LearnerError, Result};
+pub use optim::AdamW;
 pub use update::{BatchGradient, Learner, StepStats};

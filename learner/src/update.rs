@@ -5,8 +5,9 @@ use crate::batch::{prepare_batch, PreparedBatch, TrainSequence};
 use crate::config::{Normalizer, UpdateConfig};
 use crate::correction::{sequence_weights, token_loss, SequenceWeights, TokenTerms};
 use crate::error::{LearnerError, Result};
+use crate::optim::AdamW;
 use candle_core::{backprop::GradStore, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::ParamsAdamW;
 use model::{completion_logprobs, Decoder, Kernels, LayerPlan, ScoreRequest};
 use protocol::RolloutRecord;
 use serde::Serialize;
@@ -141,8 +142,7 @@ impl Learner {
             eps: o.eps,
             weight_decay: o.weight_decay,
         };
-        let vars = model.vars().iter().map(|(_, v)| v.clone()).collect();
-        let opt = AdamW::new(vars, params)?;
+        let opt = AdamW::new(model.vars().to_vec(), params)?;
         Ok(Self {
             model,
             reference,
@@ -172,6 +172,23 @@ impl Learner {
     /// Steps skipped for a non-finite loss or gradient, in total.
     pub fn nonfinite_steps(&self) -> u64 {
         self.nonfinite_total
+    }
+
+    /// The optimizer (its moments and step count go into checkpoints).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// The optimizer, mutably (for restoring a checkpoint).
+    pub(crate) fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.opt
+    }
+
+    /// Restores the counters a checkpoint saved; the non-finite streak starts afresh.
+    pub(crate) fn restore_counters(&mut self, version: u64, nonfinite_total: u64) {
+        self.version = version;
+        self.nonfinite_total = nonfinite_total;
+        self.nonfinite_streak = 0;
     }
 
     /// One update from complete groups (each the G completions of one prompt).
