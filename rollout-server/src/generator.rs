@@ -140,12 +140,26 @@ pub struct RolloutBatch {
     pub stats: GenerationStats,
 }
 
-/// The generator: dataset cursor, plan sampler, reward and sampling settings.
+/// Where a generator stands: enough to continue after a restart without repeating a prompt
+/// within an epoch. Plans and sampling streams derive from (seed, batch id), so this is all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GeneratorState {
+    /// The id the next batch gets.
+    pub next_batch_id: u64,
+    /// The dataset cursor.
+    pub cursor: CursorState,
+}
+
+/// Stream index of the per-batch plan draw (sampling uses the batch's other streams).
+const PLAN_STREAM: u64 = u64::MAX - 1;
+
+/// The generator: dataset cursor, plan spec, reward and sampling settings.
 pub struct Generator {
     cfg: GeneratorConfig,
     dataset: Dataset,
     cursor: DataCursor,
-    plans: PlanSampler,
+    plan: PlanSpec,
+    num_layers: usize,
     reward: Box<dyn Reward>,
     tokenizer: Tokenizer,
     next_batch_id: u64,
@@ -171,13 +185,15 @@ impl Generator {
         tokenizer: Tokenizer,
     ) -> Result<Self, GeneratorError> {
         let cfg = cfg.validate()?;
-        let plans = PlanSampler::new(plan, num_layers, cfg.seed)?;
+        // Validates the spec against the model's depth once, up front.
+        PlanSampler::new(plan.clone(), num_layers, cfg.seed)?;
         let cursor = DataCursor::for_dataset(&dataset, cfg.seed);
         Ok(Self {
             cfg,
             dataset,
             cursor,
-            plans,
+            plan,
+            num_layers,
             reward,
             tokenizer,
             next_batch_id: 0,
@@ -192,6 +208,40 @@ impl Generator {
     /// Where the dataset cursor stands (for checkpoints).
     pub fn cursor_state(&self) -> CursorState {
         self.cursor.state()
+    }
+
+    /// Replaces the reward (a reloaded reward module).
+    pub fn set_reward(&mut self, reward: Box<dyn Reward>) {
+        self.reward = reward;
+    }
+
+    /// Where the generator stands (save it after each batch handed on).
+    pub fn state(&self) -> GeneratorState {
+        GeneratorState {
+            next_batch_id: self.next_batch_id,
+            cursor: self.cursor.state(),
+        }
+    }
+
+    /// Continues from a saved state; refused when the cursor does not fit this dataset.
+    pub fn restore(&mut self, state: GeneratorState) -> Result<(), GeneratorError> {
+        let len = self.cursor.state().len;
+        if state.cursor.len != len {
+            return Err(GeneratorError::InvalidConfig(format!(
+                "the saved data cursor is for a dataset of {} problems, this one has {len}",
+                state.cursor.len
+            )));
+        }
+        self.cursor = DataCursor::restore(state.cursor)?;
+        self.next_batch_id = state.next_batch_id;
+        Ok(())
+    }
+
+    /// The plan of batch `batch_id`: a pure function of the seed and the id, so a restarted
+    /// server draws the same plans.
+    pub fn plan_for(&self, batch_id: u64) -> Result<LayerPlan, GeneratorError> {
+        let seed = stream_seed(self.cfg.seed, batch_id, PLAN_STREAM);
+        Ok(PlanSampler::new(self.plan.clone(), self.num_layers, seed)?.next_plan()?)
     }
 
     /// The chat-templated prompt text of a problem.
@@ -217,11 +267,10 @@ impl Generator {
         policy_version: u64,
     ) -> Result<RolloutBatch, GeneratorError> {
         let batch_id = self.next_batch_id;
-        self.next_batch_id += 1;
-        let plan = self.plans.next_plan()?;
-        let problems = self
-            .cursor
-            .next_batch(&self.dataset, self.cfg.prompts_per_batch)?;
+        let plan = self.plan_for(batch_id)?;
+        // Work on a copy of the cursor: a batch that fails leaves the generator where it was.
+        let mut cursor = self.cursor.clone();
+        let problems = cursor.next_batch(&self.dataset, self.cfg.prompts_per_batch)?;
         let mut prompts = Vec::with_capacity(problems.len());
         for p in &problems {
             prompts.push(self.tokenizer.encode(&self.prompt_text(p)?, false)?);
@@ -283,16 +332,23 @@ impl Generator {
             }
             _ => None,
         };
-        let mut groups = Vec::with_capacity(problems.len());
-        for (p, problem) in problems.iter().enumerate() {
+        let complete: Vec<usize> = (0..problems.len())
+            .filter(|&p| {
+                let failed = scores[p * g..(p + 1) * g]
+                    .iter()
+                    .filter(|s| s.is_err())
+                    .count();
+                stats.reward_failures += failed;
+                failed == 0
+            })
+            .collect();
+        stats.dropped_groups = problems.len() - complete.len();
+        let batch_groups = complete.len() as u32;
+        let mut groups = Vec::with_capacity(complete.len());
+        for p in complete {
+            let problem = &problems[p];
             let members = &out.completions[p * g..(p + 1) * g];
             let member_scores = &scores[p * g..(p + 1) * g];
-            let failed = member_scores.iter().filter(|s| s.is_err()).count();
-            if failed > 0 {
-                stats.reward_failures += failed;
-                stats.dropped_groups += 1;
-                continue;
-            }
             let group_id = batch_id * self.cfg.prompts_per_batch as u64 + p as u64;
             let group = members
                 .iter()
@@ -302,6 +358,9 @@ impl Generator {
                     group_id,
                     batch_id,
                     policy_version,
+                    group_size: g as u32,
+                    group_index: c.sample_index as u32,
+                    batch_groups,
                     prompt: prompts[p].clone(),
                     completion: c.tokens.clone(),
                     logprobs: c.logprobs.clone(),
@@ -331,6 +390,8 @@ impl Generator {
                 .collect();
             groups.push(group);
         }
+        self.cursor = cursor;
+        self.next_batch_id += 1;
         Ok(RolloutBatch {
             batch_id,
             plan,

@@ -8,4 +8,6 @@
 pub mod dataset;
 mod generator;
 
-pub use generator::{GenerationStats, Generator, GeneratorConfig, GeneratorError, RolloutBatch};
+pub use generator::{
+    GenerationStats, Generator, GeneratorConfig, GeneratorError, GeneratorState, RolloutBatch,
+};
