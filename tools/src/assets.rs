@@ -10,11 +10,10 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 const FETCH_SCRIPT: &str = include_str!("../fetch-assets.sh");
 
-/// `$NESTED_REFT_ASSETS`, else the `.assets` folder of the source tree this binary was built from.
+/// The asset cache: `$NESTED_REFT_ASSETS`, else `$XDG_CACHE_HOME/nested-reft`, else
+/// `~/.cache/nested-reft` (the rule lives in [`rewards::assets_dir`]).
 pub fn assets_dir() -> PathBuf {
-    std::env::var_os("NESTED_REFT_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.assets")))
+    rewards::assets_dir()
 }
 
 /// Runs the fetch script for `what` (`model`, `gsm8k` or `all`).
