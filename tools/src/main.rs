@@ -2,14 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-
-mod assets;
-mod bench_ring;
-mod bench_train;
-mod lm;
-mod modelargs;
-mod score;
-mod train;
+use tools::{assets, bench_overlap, bench_ring, bench_train, lm, score, train};
 
 /// Reinforced fine-tuning with nested (layer-skipping) behavior models.
 #[derive(Debug, Parser)]
@@ -47,6 +40,10 @@ enum Bench {
     Ring(bench_ring::BenchRingArgs),
     /// Weight store publish and read of a parameter set (default: SmolLM2-135M's shapes).
     Weights(bench_ring::BenchWeightsArgs),
+    /// Two-process training in `sync` and in `async` mode: time per step, the speedup, its
+    /// ideal bound, idle fractions and a timeline picture.
+    #[command(long_about = bench_overlap::LONG_ABOUT)]
+    Overlap(Box<bench_overlap::BenchOverlapArgs>),
     /// Learner forward + backward throughput and peak memory, against a plain f32 GEMM.
     #[command(long_about = bench_train::LONG_ABOUT)]
     Train(bench_train::BenchTrainArgs),
@@ -67,6 +64,7 @@ fn main() -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Bench(Bench::Ring(args)) => bench_ring::run_ring(&args),
         Command::Bench(Bench::Weights(args)) => bench_ring::run_weights(&args),
+        Command::Bench(Bench::Overlap(args)) => bench_overlap::run(*args),
         Command::Bench(Bench::RingPeer(args)) => bench_ring::run_ring_peer(&args),
         Command::Bench(Bench::Train(args)) => bench_train::run(&args),
         Command::Bench(Bench::TrainChild(args)) => bench_train::run_child(&args),

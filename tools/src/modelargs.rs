@@ -30,6 +30,28 @@ impl ModelArgs {
         }
     }
 
+    /// The model's path without fetching anything (for the services): the given one, else
+    /// the default model in the asset cache; a clear error when it is not there.
+    pub fn existing_path(&self) -> Result<PathBuf> {
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => crate::assets::assets_dir().join(crate::assets::DEFAULT_MODEL_FILE),
+        };
+        if !path.exists() {
+            bail!(
+                "the model {} does not exist{}",
+                path.display(),
+                if self.model.is_none() {
+                    " (fetch the default model with `nested-reft fetch model`, or set \
+                     NESTED_REFT_ASSETS to where it is cached)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(path)
+    }
+
     /// Loads the model with `opts` (e.g. trainable) with a spinner.
     pub fn load_with(&self, opts: &LoadOptions) -> Result<LoadedModel> {
         let path = self.path()?;

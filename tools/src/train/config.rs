@@ -16,8 +16,24 @@ use std::path::{Path, PathBuf};
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// One process: generate a batch, train on it, repeat.
-    #[default]
     Local,
+    /// Two processes (rollout server and learner), strictly alternating: the server waits for
+    /// the weights trained on its last batch before it generates the next (the baseline).
+    Sync,
+    /// Two processes, overlapped: the server generates batch k+1 while the learner trains on
+    /// batch k, at most `max_staleness` batches ahead.
+    #[default]
+    Async,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local",
+            Self::Sync => "sync",
+            Self::Async => "async",
+        })
+    }
 }
 
 /// `--correction` values.
@@ -73,6 +89,22 @@ pub struct TrainFile {
     pub generator: GeneratorConfig,
     /// The update.
     pub update: UpdateConfig,
+    /// Two-process modes: how many policy versions a trained sample may lag behind (older
+    /// groups are dropped and counted); the server runs at most this many batches ahead.
+    /// `sync` forces 0.
+    pub max_staleness: u64,
+    /// Longest prompt in tokens the ring's slots hold (a longer one is an error).
+    pub max_prompt_tokens: u32,
+    /// Two-process modes: write a checkpoint every this many steps (0: never).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (the newest).
+    pub keep_checkpoints: usize,
+    /// Two-process modes: CPU threads of the learner process (0: half of the machine's).
+    pub learner_threads: usize,
+    /// Two-process modes: CPU threads of the rollout-server process (0: the other half).
+    pub server_threads: usize,
+    /// Two-process modes: pin each process to its own cores.
+    pub pin_cores: bool,
 }
 
 /// Defaults of `nested-reft train` with no arguments: the embedded SmolLM2-135M on level-1
@@ -80,7 +112,7 @@ pub struct TrainFile {
 impl Default for TrainFile {
     fn default() -> Self {
         Self {
-            mode: Mode::Local,
+            mode: Mode::Async,
             steps: 30,
             seed: 0,
             model: None,
@@ -108,6 +140,13 @@ impl Default for TrainFile {
                 },
                 ..UpdateConfig::default()
             },
+            max_staleness: 1,
+            max_prompt_tokens: 1024,
+            checkpoint_every: 10,
+            keep_checkpoints: 3,
+            learner_threads: 0,
+            server_threads: 0,
+            pin_cores: false,
         }
     }
 }
@@ -122,7 +161,8 @@ pub struct TrainArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
-    /// How generation and training run [default: local].
+    /// How generation and training run: `local` (one process), `sync` (two processes,
+    /// alternating) or `async` (two processes, overlapped) [default: async].
     #[arg(long, value_enum, env = "NESTED_REFT_MODE")]
     pub mode: Option<Mode>,
     /// Training steps; each generates one batch and makes one update [default: 30].
@@ -195,6 +235,28 @@ pub struct TrainArgs {
     /// Tokens per learner micro-batch: bounds memory, not the result [default: 2048].
     #[arg(long, value_name = "N")]
     pub micro_batch_tokens: Option<usize>,
+    /// `async`: how many policy versions a trained sample may lag [default: 1].
+    #[arg(long, value_name = "N")]
+    pub max_staleness: Option<u64>,
+    /// Two-process modes: checkpoint every N steps (0: never) [default: 10].
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<u64>,
+    /// Two-process modes: CPU threads of the learner [default: half of the cores].
+    #[arg(long, value_name = "N")]
+    pub learner_threads: Option<usize>,
+    /// Two-process modes: CPU threads of the rollout server [default: the other half].
+    #[arg(long, value_name = "N")]
+    pub server_threads: Option<usize>,
+    /// Two-process modes: pin each process to its own cores.
+    #[arg(long)]
+    pub pin_cores: bool,
+    /// Two-process modes: continue from the latest checkpoint in the output directory (and
+    /// the server's saved data cursor) instead of starting over.
+    #[arg(long)]
+    pub resume: bool,
+    /// Two-process modes: log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
 }
 
 /// `--normalizer` values.
@@ -319,6 +381,13 @@ impl TrainArgs {
         set!(self.epochs => u.epochs);
         set!(self.kl_coef => u.kl_coef);
         set!(self.micro_batch_tokens => u.micro_batch_tokens);
+        set!(self.max_staleness => f.max_staleness);
+        set!(self.checkpoint_every => f.checkpoint_every);
+        set!(self.learner_threads => f.learner_threads);
+        set!(self.server_threads => f.server_threads);
+        if self.pin_cores {
+            f.pin_cores = true;
+        }
         if let Some(n) = self.normalizer {
             u.normalizer = match n {
                 NormalizerArg::TokenMean => Normalizer::TokenMean,
@@ -338,6 +407,17 @@ impl TrainArgs {
         }
         Ok(())
     }
+}
+
+/// Reads a config file (or the defaults without one) and validates it, as the service
+/// binaries do.
+pub fn load_config_file(path: Option<&Path>) -> Result<TrainFile> {
+    let mut f = match path {
+        Some(p) => read_file(p)?,
+        None => TrainFile::default(),
+    };
+    validate(&mut f)?;
+    Ok(f)
 }
 
 fn read_file(path: &Path) -> Result<TrainFile> {
@@ -364,6 +444,15 @@ fn validate(f: &mut TrainFile) -> Result<()> {
     if f.update.optim.total_steps == 0 {
         // The schedule counts optimizer steps: `epochs` per training step.
         f.update.optim.total_steps = f.steps.saturating_mul(f.update.epochs as u64);
+    }
+    if f.mode == Mode::Sync {
+        f.max_staleness = 0;
+    }
+    if f.keep_checkpoints == 0 {
+        bail!("keep_checkpoints must be at least 1");
+    }
+    if f.max_prompt_tokens == 0 {
+        bail!("max_prompt_tokens must be at least 1");
     }
     f.generator = f.generator.clone().validate()?;
     f.update = f.update.clone().validate()?;

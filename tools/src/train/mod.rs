@@ -1,13 +1,14 @@
 //! `nested-reft train`: generate with the nested behavior, score, update the full-depth
-//! target, repeat. Mode `local` runs both halves in this process, in turn.
+//! target, repeat. Mode `local` runs both halves in this process, in turn; `sync` and `async`
+//! run them as two processes (see [`procs`]).
 
 mod config;
-mod plot;
+pub mod plot;
+pub mod procs;
 
-pub use config::TrainArgs;
+pub use config::{load_config_file, Mode, TrainArgs, TrainConfig, TrainFile};
 
 use anyhow::{Context, Result};
-use config::TrainConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 use learner::{Learner, StepStats};
 use model::LoadOptions;
@@ -46,15 +47,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
         return Ok(());
     }
-    train(&cfg)
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("while creating {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), toml::to_string(&cfg.file)?)
+        .with_context(|| format!("while writing {}", out.join("config.toml").display()))?;
+    match cfg.file.mode {
+        Mode::Local => {
+            if args.resume {
+                anyhow::bail!("--resume applies to the two-process modes (sync, async) only");
+            }
+            train(&cfg)
+        }
+        Mode::Sync | Mode::Async => {
+            // The services never fetch: make sure the default model is there first.
+            if cfg.file.model.is_none() {
+                crate::assets::default_model()?;
+            }
+            procs::run(
+                &cfg,
+                &procs::ProcOptions {
+                    resume: args.resume,
+                    log_json: args.log_json,
+                },
+            )
+        }
+    }
 }
 
 fn train(cfg: &TrainConfig) -> Result<()> {
     let f = &cfg.file;
     let out = &cfg.output_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("while creating {}", out.display()))?;
-    std::fs::write(out.join("config.toml"), toml::to_string(f)?)
-        .with_context(|| format!("while writing {}", out.join("config.toml").display()))?;
 
     let dataset = Dataset::open(&f.dataset).context("while loading the dataset")?;
     for s in &dataset.stats().skipped {
@@ -211,7 +233,7 @@ fn describe_plan(p: &config::PlanFile) -> String {
     }
 }
 
-fn progress_bar(steps: u64) -> ProgressBar {
+pub(crate) fn progress_bar(steps: u64) -> ProgressBar {
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::new(steps)
     } else {
@@ -230,7 +252,7 @@ fn progress_bar(steps: u64) -> ProgressBar {
 
 /// Writes the model to `<dir>.tmp`, then swaps it in with renames, so `dir` is always either
 /// the old complete model or the new complete one.
-fn save_model(learner: &Learner, tokenizer: &model::Tokenizer, dir: &Path) -> Result<()> {
+pub fn save_model(learner: &Learner, tokenizer: &model::Tokenizer, dir: &Path) -> Result<()> {
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)

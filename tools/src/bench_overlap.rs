@@ -1,0 +1,423 @@
+//! `nested-reft bench overlap`: the same training configuration for N steps in `sync` and in
+//! `async` mode, each a real two-process run; from the processes' metrics: time per step, the
+//! speedup, the ideal bound (Tg + Tt) / max(Tg, Tt) from the stage times measured in the `sync`
+//! run, each process's idle fraction, weight publish and load times, and a timeline picture.
+
+use crate::train::TrainFile;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use plotters::prelude::*;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The long help of `bench overlap`.
+pub const LONG_ABOUT: &str = "Runs the same training configuration twice as two real processes \
+(learner + rollout server): once in `sync` mode (strictly alternating, the baseline) and once in \
+`async` mode (the server generates batch k+1 while the learner trains on batch k). Reports the \
+time per step of each (steady state: the first step, which includes start-up, is left out), the \
+speedup sync/async, and the ideal bound (Tg + Tt) / max(Tg, Tt), where Tg is the server's time \
+per batch (load weights, generate, score, push) and Tt the learner's time per step (train, \
+publish, checkpoint), both measured in the sync run. Also: each process's idle fraction in the \
+async run, weight publish and load times, and a timeline picture (SVG) of both runs. On a CPU \
+it states how many threads (and cores) each process had.";
+
+/// `nested-reft bench overlap`.
+#[derive(Debug, Args)]
+pub struct BenchOverlapArgs {
+    /// Training steps per mode (the first is start-up and is not timed).
+    #[arg(long, default_value_t = 6)]
+    pub steps: u64,
+    /// A TOML config for both runs (default: the defaults of `nested-reft train`).
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Extra flags passed to both `nested-reft train` runs, e.g. `--prompts-per-batch=4`
+    /// (repeat the option for several).
+    #[arg(long = "train-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub train_args: Vec<String>,
+    /// Where both runs, `overlap.json` and `timeline.svg` go [default: runs/bench-overlap-<time>].
+    #[arg(long, short, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Reuse the finished runs in the output directory instead of running them again (to
+    /// re-plot or re-compute).
+    #[arg(long)]
+    pub reuse: bool,
+}
+
+/// One stage span read back from a metrics line.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Span {
+    stage: String,
+    start: f64,
+    end: f64,
+}
+
+/// What one mode measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeResult {
+    /// `sync` or `async`.
+    pub mode: String,
+    /// Timed steps (after the first).
+    pub timed_steps: usize,
+    /// Mean seconds per step (learner step end to step end).
+    pub step_s: f64,
+    /// Mean seconds per batch the server spends loading, generating, scoring, pushing.
+    pub server_busy_s: f64,
+    /// Mean seconds per step the learner spends training, publishing, checkpointing.
+    pub learner_busy_s: f64,
+    /// Fraction of the timed window the server was idle (waiting).
+    pub server_idle: f64,
+    /// Fraction of the timed window the learner was idle (waiting for a batch).
+    pub learner_idle: f64,
+    /// Mean seconds to publish the weights (learner).
+    pub publish_s: f64,
+    /// Mean seconds to load published weights (server).
+    pub load_s: f64,
+    /// Final mean reward.
+    pub last_reward: f64,
+}
+
+/// The whole report (written as `overlap.json`).
+#[derive(Debug, Serialize)]
+pub struct OverlapReport {
+    /// Learner threads.
+    pub learner_threads: usize,
+    /// Server threads.
+    pub server_threads: usize,
+    /// Cores of the machine.
+    pub cores: usize,
+    /// The baseline.
+    pub sync: ModeResult,
+    /// The overlapped run.
+    pub r#async: ModeResult,
+    /// sync step time / async step time.
+    pub speedup: f64,
+    /// Tg from the sync run.
+    pub tg_s: f64,
+    /// Tt from the sync run.
+    pub tt_s: f64,
+    /// (Tg + Tt) / max(Tg, Tt).
+    pub ideal_bound: f64,
+    /// speedup / ideal bound.
+    pub fraction_of_bound: f64,
+}
+
+/// Runs the benchmark.
+pub fn run(args: BenchOverlapArgs) -> Result<()> {
+    if args.steps < 3 {
+        bail!("--steps must be at least 3 (the first step is start-up and is not timed)");
+    }
+    let out = args.output_dir.clone().unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        PathBuf::from(format!("runs/bench-overlap-{now}"))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("while creating {}", out.display()))?;
+    let exe = std::env::current_exe().context("while locating nested-reft")?;
+    for mode in ["sync", "async"] {
+        let dir = out.join(mode);
+        if args.reuse && dir.join("metrics.jsonl").is_file() {
+            continue;
+        }
+        eprintln!("bench overlap: {mode} run, {} steps", args.steps);
+        let mut cmd = Command::new(&exe);
+        cmd.arg("train")
+            .args([
+                "--mode",
+                mode,
+                "--steps",
+                &args.steps.to_string(),
+                "--no-save",
+            ])
+            .args(["--checkpoint-every", "0"])
+            .arg("--output-dir")
+            .arg(&dir);
+        if let Some(c) = &args.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.args(&args.train_args);
+        let status = cmd
+            .status()
+            .with_context(|| format!("while starting the {mode} run"))?;
+        if !status.success() {
+            bail!("the {mode} run failed ({status}); see {}", dir.display());
+        }
+    }
+    let cfg: TrainFile = crate::train::load_config_file(Some(&out.join("async/config.toml")))?;
+    let split = crate::train::procs::Split::new(cfg.learner_threads, cfg.server_threads);
+    let sync = measure(&out.join("sync"), "sync")?;
+    let asy = measure(&out.join("async"), "async")?;
+    let report = report(&split, sync, asy);
+    std::fs::write(
+        out.join("overlap.json"),
+        serde_json::to_string_pretty(&report)?,
+    )
+    .with_context(|| format!("while writing {}", out.join("overlap.json").display()))?;
+    timeline(&out.join("timeline.svg"), &out)?;
+    print_report(&report);
+    println!("report:   {}", out.join("overlap.json").display());
+    println!("timeline: {}", out.join("timeline.svg").display());
+    Ok(())
+}
+
+/// Builds the report from the two modes' measurements.
+pub fn report(
+    split: &crate::train::procs::Split,
+    sync: ModeResult,
+    asy: ModeResult,
+) -> OverlapReport {
+    let tg = sync.server_busy_s;
+    let tt = sync.learner_busy_s;
+    let bound = if tg.max(tt) > 0.0 {
+        (tg + tt) / tg.max(tt)
+    } else {
+        1.0
+    };
+    let speedup = sync.step_s / asy.step_s;
+    OverlapReport {
+        learner_threads: split.learner,
+        server_threads: split.server,
+        cores: split.cores,
+        speedup,
+        tg_s: tg,
+        tt_s: tt,
+        ideal_bound: bound,
+        fraction_of_bound: speedup / bound,
+        sync,
+        r#async: asy,
+    }
+}
+
+fn print_report(r: &OverlapReport) {
+    println!(
+        "processes: learner {} thread(s), rollout server {} thread(s), on {} core(s) (CPU)",
+        r.learner_threads, r.server_threads, r.cores
+    );
+    println!(
+        "{:<6} {:>9} {:>10} {:>11} {:>9} {:>10} {:>10} {:>9}",
+        "mode", "s/step", "server s", "learner s", "srv idle", "lrn idle", "publish s", "load s"
+    );
+    for m in [&r.sync, &r.r#async] {
+        println!(
+            "{:<6} {:>9.2} {:>10.2} {:>11.2} {:>8.0}% {:>9.0}% {:>10.3} {:>9.3}",
+            m.mode,
+            m.step_s,
+            m.server_busy_s,
+            m.learner_busy_s,
+            100.0 * m.server_idle,
+            100.0 * m.learner_idle,
+            m.publish_s,
+            m.load_s
+        );
+    }
+    println!(
+        "speedup {:.2}x (= {:.2} s / {:.2} s); ideal bound (Tg + Tt) / max(Tg, Tt) = ({:.2} + {:.2}) / {:.2} = {:.2}x; {:.0}% of the bound",
+        r.speedup,
+        r.sync.step_s,
+        r.r#async.step_s,
+        r.tg_s,
+        r.tt_s,
+        r.tg_s.max(r.tt_s),
+        r.ideal_bound,
+        100.0 * r.fraction_of_bound
+    );
+}
+
+fn read_lines(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("while reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+fn spans(v: &serde_json::Value) -> Vec<Span> {
+    v.get("spans")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default()
+}
+
+fn f(v: &serde_json::Value, key: &str) -> f64 {
+    v.get(key)
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(0.0)
+}
+
+/// Reads one run's metrics (learner `metrics.jsonl`, server `rollout-server/metrics.jsonl`).
+pub fn measure(dir: &Path, mode: &str) -> Result<ModeResult> {
+    let learner: Vec<_> = read_lines(&dir.join("metrics.jsonl"))?
+        .into_iter()
+        .filter(|v| v.get("update").is_some_and(|u| !u.is_null()))
+        .collect();
+    let server = read_lines(&dir.join("rollout-server/metrics.jsonl"))?;
+    if learner.len() < 3 {
+        bail!(
+            "{}: only {} training steps recorded; need at least 3",
+            dir.display(),
+            learner.len()
+        );
+    }
+    // The timed window: from the end of the first step to the end of the last.
+    let t0 = f(&learner[0], "wall_s");
+    let t1 = f(&learner[learner.len() - 1], "wall_s");
+    let timed = learner.len() - 1;
+    let step_s = (t1 - t0) / timed as f64;
+    let busy = |lines: &[serde_json::Value], stages: &[&str], lo: f64, hi: f64| -> f64 {
+        lines
+            .iter()
+            .flat_map(spans)
+            .filter(|s| stages.contains(&s.stage.as_str()))
+            .map(|s| (s.end.min(hi) - s.start.max(lo)).max(0.0))
+            .sum()
+    };
+    let window = (t1 - t0).max(1e-9);
+    let l_busy = busy(&learner, &["train", "publish", "checkpoint"], t0, t1);
+    let s_busy = busy(&server, &["load", "generate", "score", "push"], t0, t1);
+    let batches_in_window = server
+        .iter()
+        .filter(|v| {
+            let w = f(v, "wall_s");
+            w > t0 && w <= t1
+        })
+        .count()
+        .max(1);
+    let mean = |xs: Vec<f64>| {
+        if xs.is_empty() {
+            0.0
+        } else {
+            xs.iter().sum::<f64>() / xs.len() as f64
+        }
+    };
+    Ok(ModeResult {
+        mode: mode.into(),
+        timed_steps: timed,
+        step_s,
+        server_busy_s: s_busy / batches_in_window as f64,
+        learner_busy_s: l_busy / timed as f64,
+        server_idle: (1.0 - s_busy / window).clamp(0.0, 1.0),
+        learner_idle: (1.0 - l_busy / window).clamp(0.0, 1.0),
+        publish_s: mean(learner.iter().map(|v| f(v, "publish_s")).collect()),
+        load_s: mean(
+            server
+                .iter()
+                .map(|v| f(v, "load_s"))
+                .filter(|&x| x > 0.0)
+                .collect(),
+        ),
+        last_reward: learner
+            .last()
+            .and_then(|v| v.get("update"))
+            .map(|u| f(u, "reward_mean"))
+            .unwrap_or(0.0),
+    })
+}
+
+const STAGES: [(&str, RGBColor); 8] = [
+    ("generate", RGBColor(31, 119, 180)),
+    ("score", RGBColor(255, 127, 14)),
+    ("push", RGBColor(44, 160, 44)),
+    ("load", RGBColor(148, 103, 189)),
+    ("train", RGBColor(214, 39, 40)),
+    ("publish", RGBColor(140, 86, 75)),
+    ("checkpoint", RGBColor(127, 127, 127)),
+    ("wait", RGBColor(225, 225, 225)),
+];
+
+/// Draws both runs' timelines: one lane per process per mode, a bar per stage.
+pub fn timeline(path: &Path, out: &Path) -> Result<()> {
+    let mut lanes: Vec<(String, Vec<Span>)> = Vec::new();
+    for mode in ["sync", "async"] {
+        let dir = out.join(mode);
+        let server: Vec<Span> = read_lines(&dir.join("rollout-server/metrics.jsonl"))?
+            .iter()
+            .flat_map(spans)
+            .collect();
+        let learner: Vec<Span> = read_lines(&dir.join("metrics.jsonl"))?
+            .iter()
+            .flat_map(spans)
+            .collect();
+        // Each mode's clock starts at its first span.
+        let t0 = server
+            .iter()
+            .chain(&learner)
+            .map(|s| s.start)
+            .fold(f64::INFINITY, f64::min);
+        let shift = |v: Vec<Span>| -> Vec<Span> {
+            v.into_iter()
+                .map(|s| Span {
+                    stage: s.stage,
+                    start: s.start - t0,
+                    end: s.end - t0,
+                })
+                .collect()
+        };
+        lanes.push((format!("{mode}: rollout server"), shift(server)));
+        lanes.push((format!("{mode}: learner"), shift(learner)));
+    }
+    let t_max = lanes
+        .iter()
+        .flat_map(|(_, s)| s.iter().map(|x| x.end))
+        .fold(1.0f64, f64::max);
+    let root = SVGBackend::new(path, (1200, 420)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("while drawing the timeline: {e}");
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let n = lanes.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "nested-reft: sync vs async, per process over time",
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(170)
+        .build_cartesian_2d(0.0..t_max * 1.02, 0.0..n)
+        .map_err(|e| err(&e))?;
+    let names: Vec<String> = lanes.iter().map(|(n, _)| n.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .x_desc("seconds since the run's first stage")
+        .y_labels(lanes.len() * 2 + 1)
+        .y_label_formatter(&|y| {
+            let i = (n - y - 0.5).round();
+            if (n - y - 0.5 - i).abs() < 0.05 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (lane, (_, spans)) in lanes.iter().enumerate() {
+        let y1 = n - lane as f64 - 0.1;
+        let y0 = n - lane as f64 - 0.9;
+        chart
+            .draw_series(spans.iter().filter_map(|s| {
+                let color = STAGES.iter().find(|(name, _)| *name == s.stage)?.1;
+                Some(Rectangle::new(
+                    [(s.start, y0), (s.end.max(s.start), y1)],
+                    color.filled(),
+                ))
+            }))
+            .map_err(|e| err(&e))?;
+    }
+    for (name, color) in STAGES {
+        chart
+            .draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())
+            .map_err(|e| err(&e))?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! The nested-reft command line and services: `nested-reft` (train, generate, logprobs, score,
+//! bench, fetch) and the two service binaries `nested-reft-learner` and
+//! `nested-reft-rollout-server`, whose `main`s are thin wrappers around [`service`].
+//!
+//! The generator (rollout-server crate) and the update (learner crate) know nothing of how they
+//! are run; the modes (`local`, `sync`, `async`) are wiring, and that wiring lives here.
+
+pub mod assets;
+pub mod bench_overlap;
+pub mod bench_ring;
+pub mod bench_train;
+pub mod lm;
+pub mod modelargs;
+pub mod score;
+pub mod service;
+pub mod train;

@@ -1,0 +1,569 @@
+//! The learner process: pops records, assembles complete batches, trains, publishes weights,
+//! checkpoints.
+
+use super::{
+    nap, ring_descriptor, stop_flag, stopping, unix_now, write_atomic, JsonLines, Notifier, Paths,
+    ServiceArgs, Span, Timeline,
+};
+use crate::train::TrainFile;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use learner::{AssembledBatch, AssemblyStats, BatchAssembler, Learner, StepStats};
+use model::{LoadOptions, WeightBridge};
+use protocol::control::{ControlServer, Hello, Message};
+use protocol::{
+    ControlError, HandshakeError, OpenError, PopError, SegmentError, WeightStore, Writer,
+};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// Slots of the weight store: with 3, publishing never waits on the one reader, which copies
+/// the weights out and unpins at once.
+const WEIGHT_SLOTS: u32 = 3;
+
+/// `nested-reft-learner`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "nested-reft-learner",
+    version,
+    about = "The nested-reft learner service: trains the full-depth target on rollouts from \
+             the rollout server's ring and publishes its weights after every step.",
+    long_about = None
+)]
+pub struct LearnerArgs {
+    #[command(flatten)]
+    pub common: ServiceArgs,
+    /// Continue from the latest complete checkpoint in `<state dir>/checkpoints` (a fresh
+    /// start when there is none).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many training steps in total (default: the config's `steps`; 0 runs
+    /// until stopped).
+    #[arg(long)]
+    pub steps: Option<u64>,
+}
+
+/// One line of the learner's `metrics.jsonl`.
+#[derive(Debug, Serialize)]
+struct StepLine<'a> {
+    step: u64,
+    /// Policy version after the step (= optimizer steps).
+    version: u64,
+    batch_id: u64,
+    wall_s: f64,
+    assembly: &'a AssemblyStats,
+    update: Option<&'a StepStats>,
+    /// Seconds waiting for the batch (idle).
+    wait_s: f64,
+    /// Seconds publishing the weights.
+    publish_s: f64,
+    /// Seconds writing a checkpoint (0 when none this step).
+    checkpoint_s: f64,
+    /// Records quarantined by the ring so far.
+    quarantined_total: u64,
+    /// Records of batches already handed on, dropped so far.
+    duplicate_records: u64,
+    spans: Vec<Span>,
+}
+
+/// What a checkpoint stores beyond the model and optimizer.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct CheckpointExtra {
+    /// The last batch trained on.
+    last_batch_id: Option<u64>,
+    /// The learner's view of the ring: the next sequence number it would pop.
+    ring_next_seq: u64,
+    /// The configuration's seed (plans and sampling derive from it and the batch ids).
+    seed: u64,
+}
+
+/// What the control thread hands to the main loop.
+enum ControlEvent {
+    Connected(protocol::control::Connection),
+    Failed(HandshakeError),
+}
+
+/// The learner's end of the control channel: a thread that listens, writes the listening name
+/// to the name file, and listens again whenever the main loop reports the connection lost.
+struct ControlLink {
+    events: mpsc::Receiver<ControlEvent>,
+    relisten: mpsc::Sender<()>,
+    conn: Option<protocol::control::Connection>,
+    version: Arc<AtomicU64>,
+}
+
+impl ControlLink {
+    fn spawn(paths: &Paths, base: Hello, version: Arc<AtomicU64>) -> Result<Self> {
+        let (ev_tx, events) = mpsc::channel();
+        let (relisten, relisten_rx) = mpsc::channel::<()>();
+        let file = paths.control_file();
+        let v = version.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || loop {
+                let server = match ControlServer::new() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ev_tx.send(ControlEvent::Failed(e));
+                        return;
+                    }
+                };
+                if let Err(e) = write_atomic(&file, server.name().as_bytes()) {
+                    let _ = ev_tx.send(ControlEvent::Failed(HandshakeError::Channel(format!(
+                        "{e:#}"
+                    ))));
+                    return;
+                }
+                let mut hello = base.clone();
+                // Relaxed: a progress hint for the peer, not a synchronisation point.
+                hello.policy_version = v.load(Ordering::Relaxed);
+                // accept has no deadline of its own worth having here: we wait for the peer
+                // as long as the process lives.
+                let ev = match server.accept(hello, Duration::from_secs(10 * 365 * 86_400)) {
+                    Ok(c) => ControlEvent::Connected(c),
+                    Err(e) => ControlEvent::Failed(e),
+                };
+                let failed = matches!(ev, ControlEvent::Failed(_));
+                if ev_tx.send(ev).is_err() || failed {
+                    return;
+                }
+                if relisten_rx.recv().is_err() {
+                    return;
+                }
+            })
+            .context("while starting the control thread")?;
+        Ok(Self {
+            events,
+            relisten,
+            conn: None,
+            version,
+        })
+    }
+
+    /// Takes new connections, reads messages; returns true when the peer asked to stop.
+    fn poll(&mut self) -> Result<bool> {
+        while let Ok(ev) = self.events.try_recv() {
+            match ev {
+                ControlEvent::Connected(c) => {
+                    let p = c.peer();
+                    info!(
+                        policy_version = p.policy_version,
+                        batch_id = p.batch_id,
+                        "handshake with the rollout server succeeded"
+                    );
+                    self.conn = Some(c);
+                }
+                ControlEvent::Failed(e) => {
+                    return Err(anyhow!(e).context("the control handshake failed"));
+                }
+            }
+        }
+        let mut shutdown = false;
+        if let Some(c) = &self.conn {
+            loop {
+                match c.recv(Duration::ZERO) {
+                    Ok(Message::Shutdown) => shutdown = true,
+                    Ok(Message::Error { message }) => warn!("the rollout server failed: {message}"),
+                    Ok(_) => {}
+                    Err(ControlError::Timeout(_)) => break,
+                    Err(e) => {
+                        warn!("lost the control channel to the rollout server ({e}); waiting for it to come back");
+                        self.lost();
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(shutdown)
+    }
+
+    fn lost(&mut self) {
+        if self.conn.take().is_some() {
+            let _ = self.relisten.send(());
+        }
+    }
+
+    fn send(&mut self, msg: Message) {
+        if let Some(c) = &self.conn {
+            if let Err(e) = c.send(msg) {
+                warn!("lost the control channel to the rollout server ({e})");
+                self.lost();
+            }
+        }
+    }
+
+    fn set_version(&self, v: u64) {
+        // Relaxed: see `spawn`.
+        self.version.store(v, Ordering::Relaxed);
+    }
+}
+
+/// Runs the learner service until its steps are done or it is stopped.
+pub fn main(args: LearnerArgs) -> Result<()> {
+    super::init_logging(args.common.log_json);
+    let cfg = args.common.load_config()?;
+    let paths = args.common.paths(&cfg, "learner")?;
+    if let Some(cpus) = &args.common.cpus {
+        super::pin_cpus(cpus)?;
+    }
+    let stop = stop_flag()?;
+    let steps = args.steps.unwrap_or(cfg.steps);
+    run(
+        &cfg,
+        &paths,
+        args.resume,
+        steps,
+        args.common.peer_timeout()?,
+        &stop,
+    )
+}
+
+fn run(
+    cfg: &TrainFile,
+    paths: &Paths,
+    resume: bool,
+    steps: u64,
+    peer_timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let notifier = Notifier;
+    let model_args = crate::modelargs::ModelArgs {
+        model: cfg.model.clone(),
+    };
+    let loaded = model::load_model(
+        &model_args.existing_path()?,
+        &LoadOptions {
+            trainable: true,
+            ..LoadOptions::default()
+        },
+    )
+    .context("while loading the model")?;
+    let tokenizer = loaded.tokenizer.clone();
+    let bridge = WeightBridge::new(loaded.decoder.config(), &loaded.tokenizer)?;
+    let num_layers = loaded.decoder.config().num_layers;
+    let reference = if cfg.update.kl_coef > 0.0 {
+        Some(model::load_model(&model_args.existing_path()?, &LoadOptions::default())?.decoder)
+    } else {
+        None
+    };
+    let mut learner = Learner::new(loaded.decoder, reference, cfg.update.clone())
+        .context("while setting up the learner")?;
+    let ckpt_root = paths.state_dir.join("checkpoints");
+    let metrics_path = paths.state_dir.join("metrics.jsonl");
+    let mut step = 0u64;
+    let mut resumed_last_batch = None;
+    if resume {
+        match learner::latest_checkpoint(&ckpt_root)? {
+            Some(dir) => {
+                let st = learner
+                    .load_checkpoint(&dir)
+                    .with_context(|| format!("while loading the checkpoint {}", dir.display()))?;
+                step = st.step;
+                resumed_last_batch = serde_json::from_value::<CheckpointExtra>(st.extra.clone())
+                    .ok()
+                    .and_then(|e| e.last_batch_id);
+                let rolled_back = steps_after(&metrics_path, step);
+                info!(
+                    step,
+                    policy_version = learner.version(),
+                    "resumed from {}",
+                    dir.display()
+                );
+                if !rolled_back.is_empty() {
+                    warn!(
+                        step,
+                        "steps {:?} ran after this checkpoint and are rolled back", rolled_back
+                    );
+                }
+                JsonLines::append(&metrics_path)?.write(&serde_json::json!({
+                    "event": "resumed",
+                    "step": step,
+                    "version": learner.version(),
+                    "checkpoint": dir,
+                    "rolled_back_steps": rolled_back,
+                    "wall_s": unix_now(),
+                }))?;
+            }
+            None => info!("no checkpoint in {}: starting fresh", ckpt_root.display()),
+        }
+    }
+    if steps > 0 && step >= steps {
+        info!(step, "already trained {steps} steps; nothing to do");
+        return Ok(());
+    }
+
+    // The weight store: created, or re-attached after a restart; then the current weights.
+    let dir = &paths.runtime_dir;
+    let mut writer = match WeightStore::create(dir, &paths.name, bridge.manifest(), WEIGHT_SLOTS) {
+        Ok(w) => w,
+        Err(OpenError::Segment(SegmentError::AlreadyExists(_))) => {
+            WeightStore::resume(dir, &paths.name, bridge.manifest()).with_context(|| {
+                format!(
+                    "while re-attaching to the weight store in {} (if it was left by another \
+                     model or version, remove {}/{}.weights)",
+                    dir.display(),
+                    dir.display(),
+                    paths.name
+                )
+            })?
+        }
+        Err(e) => return Err(e).context("while creating the weight store"),
+    };
+    publish(&mut writer, &bridge, &learner)?;
+    info!(
+        policy_version = learner.version(),
+        "published the weights (generation {})",
+        writer.generation()
+    );
+
+    let version = Arc::new(AtomicU64::new(learner.version()));
+    let hello = Hello {
+        role: "learner".into(),
+        layout_version: protocol::PROTOCOL_VERSION,
+        model_hash: bridge.model_hash().to_string(),
+        manifest_hash: bridge.manifest().hash_hex(),
+        policy_version: learner.version(),
+        batch_id: None,
+    };
+    let mut control = ControlLink::spawn(paths, hello, version)?;
+
+    // Wait for the server: its handshake, then its ring.
+    let desc = ring_descriptor(cfg, num_layers)?;
+    let start = Instant::now();
+    let mut said = false;
+    let mut ring = loop {
+        if stopping(stop) {
+            info!("stopped before the rollout server connected");
+            return Ok(());
+        }
+        control.poll()?;
+        if control.conn.is_some() {
+            match protocol::RolloutRing::open(dir, &paths.name, desc) {
+                Ok(c) => break c,
+                Err(OpenError::Segment(SegmentError::NotFound(_))) => {}
+                Err(e) => return Err(e).context("while opening the rollout ring"),
+            }
+        }
+        if start.elapsed() > peer_timeout {
+            bail!(
+                "the rollout server did not connect within {:?} (runtime directory {}, name {})",
+                peer_timeout,
+                dir.display(),
+                paths.name
+            );
+        }
+        if !said {
+            info!(
+                "waiting for the rollout server (runtime directory {})",
+                dir.display()
+            );
+            said = true;
+        }
+        notifier.alive();
+        nap(stop, Duration::from_millis(50));
+    };
+    notifier.ready(&format!("training from step {step}"));
+    info!(step, policy_version = learner.version(), "ready");
+
+    let mut metrics = JsonLines::append(&metrics_path)?;
+    let mut assembler = BatchAssembler::new(cfg.max_staleness);
+    let mut last_checkpoint_step = step;
+    let mut last_batch = resumed_last_batch;
+    let mut duplicate_records = 0u64;
+    let mut timeline = Timeline::default();
+    let mut wait_start = unix_now();
+    let mut last_notice = Instant::now();
+    let mut shutdown_asked = false;
+    let mut ready: Vec<AssembledBatch> = Vec::new();
+    while !(stopping(stop) || shutdown_asked || (steps > 0 && step >= steps)) {
+        shutdown_asked = control.poll()?;
+        notifier.alive();
+        if ready.is_empty() {
+            match ring.pop(Duration::from_millis(100)) {
+                // A batch id at or below the last one handed on was trained (or dropped)
+                // already: a server that restarted between pushing and saving its state
+                // redoes it. Never train a batch twice.
+                Ok(rec) if last_batch.is_some_and(|b| rec.batch_id <= b) => {
+                    duplicate_records += 1;
+                }
+                Ok(rec) => ready.extend(assembler.push(rec, learner.version())),
+                Err(PopError::Timeout(_)) | Err(PopError::Empty) => {}
+                Err(PopError::ProducerDead { generation }) => {
+                    if last_notice.elapsed() > Duration::from_secs(10) {
+                        info!(
+                            generation,
+                            "waiting for the rollout server (its process is gone; it resumes the ring when it restarts)"
+                        );
+                        last_notice = Instant::now();
+                    }
+                    nap(stop, Duration::from_millis(100));
+                }
+                Err(PopError::Corrupt { seq, reason }) => {
+                    warn!("record {seq} quarantined: {reason}; its group will be dropped");
+                }
+                Err(e) => return Err(e).context("while reading the ring"),
+            }
+            continue;
+        }
+        let batch = ready.remove(0);
+        let waited = unix_now() - wait_start;
+        timeline.push("wait", wait_start, unix_now());
+        let batch_id = batch.batch_id;
+        let version_before = learner.version();
+        let update = if batch.groups.is_empty() {
+            warn!(
+                batch_id,
+                "no usable group in this batch ({} incomplete, {} stale, {} rolled back)",
+                batch.stats.incomplete_groups,
+                batch.stats.stale_groups,
+                batch.stats.rolled_back_groups
+            );
+            None
+        } else {
+            let stats = timeline
+                .time("train", || learner.step(&batch.groups))
+                .with_context(|| format!("while training on batch {batch_id}"))?;
+            Some(stats)
+        };
+        let t = unix_now();
+        if update.is_some() {
+            step += 1;
+        }
+        let mut publish_s = 0.0;
+        if learner.version() != version_before {
+            publish(&mut writer, &bridge, &learner)?;
+            publish_s = unix_now() - t;
+            timeline.push("publish", t, unix_now());
+        }
+        control.set_version(learner.version());
+        control.send(Message::Trained {
+            batch_id,
+            version: learner.version(),
+        });
+        last_batch = Some(batch_id);
+        let mut checkpoint_s = 0.0;
+        if update.is_some()
+            && cfg.checkpoint_every > 0
+            && step % cfg.checkpoint_every == 0
+            && step != last_checkpoint_step
+        {
+            let t = unix_now();
+            checkpoint(&learner, &ckpt_root, step, last_batch, &ring, cfg)?;
+            checkpoint_s = unix_now() - t;
+            timeline.push("checkpoint", t, unix_now());
+            last_checkpoint_step = step;
+        }
+        if let Some(u) = &update {
+            info!(
+                step,
+                policy_version = learner.version(),
+                batch_id,
+                reward = u.reward_mean,
+                accuracy = u.accuracy,
+                staleness = batch.stats.max_staleness,
+                "step done"
+            );
+            notifier.status(&format!(
+                "step {step}, policy version {}, reward {:.3}",
+                learner.version(),
+                u.reward_mean
+            ));
+        }
+        metrics.write(&StepLine {
+            step,
+            version: learner.version(),
+            batch_id,
+            wall_s: unix_now(),
+            assembly: &batch.stats,
+            update: update.as_ref(),
+            wait_s: waited,
+            publish_s,
+            checkpoint_s,
+            quarantined_total: ring.quarantined_total(),
+            duplicate_records,
+            spans: timeline.take(),
+        })?;
+        wait_start = unix_now();
+    }
+    notifier.stopping();
+    if step != last_checkpoint_step && cfg.checkpoint_every > 0 {
+        checkpoint(&learner, &ckpt_root, step, last_batch, &ring, cfg)?;
+        info!(step, "final checkpoint written");
+    }
+    let finished = steps > 0 && step >= steps;
+    if finished {
+        info!(
+            step,
+            "trained {steps} steps; telling the rollout server to stop"
+        );
+        control.send(Message::Shutdown);
+        if cfg.save_model {
+            let dir = paths.state_dir.join("model");
+            crate::train::save_model(&learner, &tokenizer, &dir)?;
+            info!("saved the model to {}", dir.display());
+        }
+    } else {
+        info!(step, "stopped");
+    }
+    Ok(())
+}
+
+fn publish(writer: &mut Writer, bridge: &WeightBridge, learner: &Learner) -> Result<()> {
+    // The store's version 0 means "nothing published", so policy version v is stored as v + 1.
+    writer
+        .publish_version(
+            learner.version() + 1,
+            Duration::from_secs(60),
+            |slot: &mut [u8]| bridge.write(learner.model(), slot),
+        )
+        .map_err(|e| anyhow!("{e}"))
+        .context("while publishing the weights")?;
+    Ok(())
+}
+
+fn checkpoint(
+    learner: &Learner,
+    root: &Path,
+    step: u64,
+    last_batch: Option<u64>,
+    ring: &protocol::Consumer,
+    cfg: &TrainFile,
+) -> Result<PathBuf> {
+    let extra = serde_json::to_value(CheckpointExtra {
+        last_batch_id: last_batch,
+        ring_next_seq: ring.next_seq(),
+        seed: cfg.seed,
+    })?;
+    std::fs::create_dir_all(root).with_context(|| format!("while creating {}", root.display()))?;
+    let dir = learner
+        .save_checkpoint(root, step, &extra, cfg.keep_checkpoints)
+        .with_context(|| format!("while writing the checkpoint of step {step}"))?;
+    info!(
+        step,
+        policy_version = learner.version(),
+        "checkpoint {}",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// Steps recorded in `metrics` after `step` (they are rolled back by a resume).
+fn steps_after(metrics: &Path, step: u64) -> Vec<u64> {
+    let Ok(text) = std::fs::read_to_string(metrics) else {
+        return Vec::new();
+    };
+    let mut out: Vec<u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("event").is_none())
+        .filter_map(|v| v.get("step").and_then(|s| s.as_u64()))
+        .filter(|&s| s > step)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}

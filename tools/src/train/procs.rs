@@ -1,0 +1,391 @@
+//! `sync` and `async` modes: `nested-reft train` starts the learner and the rollout server as
+//! two processes, splits the CPU threads between them, shows one progress bar from the
+//! learner's metrics, forwards Ctrl-C and stops both cleanly.
+
+use super::config::{Mode, TrainConfig};
+use super::plot;
+use anyhow::{bail, Context, Result};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Options of the two-process run that are not part of the saved configuration.
+#[derive(Debug, Clone, Default)]
+pub struct ProcOptions {
+    /// Continue from the output directory's checkpoint and server state.
+    pub resume: bool,
+    /// Children log JSON lines.
+    pub log_json: bool,
+}
+
+/// Threads and cores of each process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// Learner threads.
+    pub learner: usize,
+    /// Server threads.
+    pub server: usize,
+    /// Cores of the machine.
+    pub cores: usize,
+}
+
+impl Split {
+    /// Half of the cores each unless configured (at least one thread each).
+    pub fn new(learner: usize, server: usize) -> Self {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let l = if learner > 0 {
+            learner
+        } else {
+            (cores / 2).max(1)
+        };
+        let s = if server > 0 {
+            server
+        } else {
+            cores.saturating_sub(l).max(1)
+        };
+        Self {
+            learner: l,
+            server: s,
+            cores,
+        }
+    }
+
+    fn learner_cpus(&self) -> Vec<usize> {
+        (0..self.learner).map(|c| c % self.cores).collect()
+    }
+
+    fn server_cpus(&self) -> Vec<usize> {
+        (self.learner..self.learner + self.server)
+            .map(|c| c % self.cores)
+            .collect()
+    }
+}
+
+/// The service binaries installed next to this one.
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("while locating nested-reft")?;
+    let dir = exe
+        .parent()
+        .context("nested-reft has no parent directory")?;
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: the two-process modes run `{name}` from the directory of \
+             nested-reft (install all three with `cargo install --locked --path tools`), or \
+             use --mode local",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    fn poll(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("while checking the {}", self.name))?;
+        }
+        Ok(self.status)
+    }
+
+    fn terminate(&mut self) {
+        if self.status.is_none() {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                // SAFETY: kill(2) with a pid we spawned and have not reaped; no memory involved.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+    }
+
+    fn wait(&mut self, limit: Duration) -> Result<Option<ExitStatus>> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(s) = self.poll()? {
+                return Ok(Some(s));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(None)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+/// Runs the two processes until the learner finishes its steps (or Ctrl-C).
+pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
+    let f = &cfg.file;
+    let out = &cfg.output_dir;
+    let config_path = out.join("config.toml");
+    let learner_bin = sibling_binary("nested-reft-learner")?;
+    let server_bin = sibling_binary("nested-reft-rollout-server")?;
+    let split = Split::new(f.learner_threads, f.server_threads);
+    let runtime = crate::service::default_runtime_dir().join(format!(
+        "train-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&runtime)
+        .with_context(|| format!("while creating {}", runtime.display()))?;
+    let metrics_path = out.join("metrics.jsonl");
+    if !opts.resume {
+        // A fresh run starts fresh files (a resumed one appends to them).
+        let _ = std::fs::remove_file(&metrics_path);
+        let _ = std::fs::remove_dir_all(out.join("rollout-server"));
+        let _ = std::fs::remove_dir_all(out.join("checkpoints"));
+    }
+    eprintln!(
+        "mode {}: learner {} thread(s){}, rollout server {} thread(s){} of {} core(s); \
+         max staleness {}; logs in {}",
+        f.mode,
+        split.learner,
+        if f.pin_cores {
+            format!(" on CPUs {:?}", split.learner_cpus())
+        } else {
+            String::new()
+        },
+        split.server,
+        if f.pin_cores {
+            format!(" on CPUs {:?}", split.server_cpus())
+        } else {
+            String::new()
+        },
+        split.cores,
+        f.max_staleness,
+        out.display()
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .context("while installing the signal handlers")?;
+    }
+    let spawn = |name: &'static str,
+                 bin: &Path,
+                 state: &Path,
+                 threads: usize,
+                 cpus: Vec<usize>,
+                 extra: &[&str]|
+     -> Result<Proc> {
+        std::fs::create_dir_all(state)
+            .with_context(|| format!("while creating {}", state.display()))?;
+        let log = out.join(format!("{name}.log"));
+        let log_file = std::fs::File::create(&log)
+            .with_context(|| format!("while creating {}", log.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("--runtime-dir")
+            .arg(&runtime)
+            .arg("--name")
+            .arg("train")
+            .arg("--state-dir")
+            .arg(state)
+            .args(extra)
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .env_remove("RUNTIME_DIRECTORY")
+            .env_remove("STATE_DIRECTORY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        if opts.log_json {
+            cmd.arg("--log-json");
+        }
+        if f.pin_cores {
+            let list: Vec<String> = cpus.iter().map(usize::to_string).collect();
+            cmd.arg("--cpus").arg(list.join(","));
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("while starting {}", bin.display()))?;
+        Ok(Proc {
+            name,
+            child,
+            log,
+            status: None,
+        })
+    };
+    let mut learner_extra = vec!["--steps".to_string(), f.steps.to_string()];
+    if opts.resume {
+        learner_extra.push("--resume".into());
+    }
+    let learner_extra: Vec<&str> = learner_extra.iter().map(String::as_str).collect();
+    let mut learner = spawn(
+        "learner",
+        &learner_bin,
+        out,
+        split.learner,
+        split.learner_cpus(),
+        &learner_extra,
+    )?;
+    let mut server = match spawn(
+        "rollout-server",
+        &server_bin,
+        &out.join("rollout-server"),
+        split.server,
+        split.server_cpus(),
+        &[],
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            learner.terminate();
+            return Err(e);
+        }
+    };
+
+    let tty = std::io::stderr().is_terminal();
+    let bar = super::progress_bar(f.steps);
+    let mut seen = 0usize;
+    let mut curve = Vec::new();
+    let mut forwarded = false;
+    let result = loop {
+        // Progress from the learner's metrics.
+        for line in new_lines(&metrics_path, &mut seen) {
+            if let Some(p) = parse_step(&line) {
+                curve.push((p.step, p.reward, p.accuracy));
+                bar.set_position(p.step);
+                let msg = format!(
+                    "reward {:.3} acc {:.2} | batch {} (staleness ≤ {})",
+                    p.reward, p.accuracy, p.batch_id, p.staleness
+                );
+                if tty {
+                    bar.set_message(msg);
+                } else {
+                    eprintln!("step {}/{}: {msg}", p.step, f.steps);
+                }
+            }
+        }
+        if stop.load(Ordering::Relaxed) && !forwarded {
+            // Relaxed: a plain flag set by the signal handler.
+            bar.suspend(|| {
+                eprintln!("interrupted: stopping both processes after their current step")
+            });
+            learner.terminate();
+            server.terminate();
+            forwarded = true;
+        }
+        let l = learner.poll()?;
+        let s = server.poll()?;
+        match (l, s) {
+            (Some(ls), _) if !ls.success() => {
+                server.terminate();
+                let _ = server.wait(Duration::from_secs(60));
+                break Err(child_failed(&learner, ls));
+            }
+            (_, Some(ss)) if !ss.success() && !forwarded => {
+                learner.terminate();
+                let _ = learner.wait(Duration::from_secs(120));
+                break Err(child_failed(&server, ss));
+            }
+            (Some(_), Some(_)) => break Ok(()),
+            (Some(_), None) => {
+                // The learner is done and told the server to stop; give it a moment.
+                if server.wait(Duration::from_secs(30))?.is_none() {
+                    server.terminate();
+                    server.wait(Duration::from_secs(120))?;
+                }
+            }
+            (None, Some(_)) if forwarded => {
+                learner.wait(Duration::from_secs(600))?;
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    bar.finish();
+    let _ = std::fs::remove_dir_all(&runtime);
+    result?;
+    for line in new_lines(&metrics_path, &mut seen) {
+        if let Some(p) = parse_step(&line) {
+            curve.push((p.step, p.reward, p.accuracy));
+        }
+    }
+    let title = format!(
+        "{} · mode {} · correction {}",
+        f.model
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| crate::assets::DEFAULT_MODEL_FILE.into()),
+        f.mode,
+        f.update.correction
+    );
+    plot::reward_curve(&out.join("reward.svg"), &title, &curve)?;
+    eprintln!("metrics: {}", metrics_path.display());
+    eprintln!("plot:    {}", out.join("reward.svg").display());
+    if f.save_model && out.join("model").is_dir() {
+        eprintln!("model:   {}", out.join("model").display());
+    }
+    if matches!(f.mode, Mode::Sync | Mode::Async) {
+        eprintln!("checkpoints: {}", out.join("checkpoints").display());
+    }
+    Ok(())
+}
+
+fn child_failed(p: &Proc, status: ExitStatus) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the {} failed ({status}); the end of {}:\n{}",
+        p.name,
+        p.log.display(),
+        p.log_tail()
+    )
+}
+
+/// Lines of `path` after the first `seen` (updates `seen`).
+fn new_lines(path: &Path, seen: &mut usize) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    // Only complete lines: the writer may be mid-line.
+    let complete: Vec<String> = text
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| l.trim_end().to_string())
+        .collect();
+    let out = complete
+        .get(*seen..)
+        .map(<[String]>::to_vec)
+        .unwrap_or_default();
+    *seen = complete.len().max(*seen);
+    out
+}
+
+struct StepPoint {
+    step: u64,
+    batch_id: u64,
+    reward: f64,
+    accuracy: f64,
+    staleness: u64,
+}
+
+fn parse_step(line: &str) -> Option<StepPoint> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let u = v.get("update")?;
+    Some(StepPoint {
+        step: v.get("step")?.as_u64()?,
+        batch_id: v.get("batch_id")?.as_u64()?,
+        reward: u.get("reward_mean")?.as_f64()?,
+        accuracy: u.get("accuracy")?.as_f64()?,
+        staleness: v.get("assembly")?.get("max_staleness")?.as_u64()?,
+    })
+}
