@@ -210,6 +210,8 @@ pub fn main(args: LearnerArgs) -> Result<()> {
     if let Some(cpus) = &args.common.cpus {
         super::pin_cpus(cpus)?;
     }
+    let threads = super::apply_threads(cfg.learner_threads);
+    tracing::info!(threads, "CPU threads of this process");
     let stop = stop_flag()?;
     let steps = args.steps.unwrap_or(cfg.steps);
     run(

@@ -177,6 +177,31 @@ pub fn init_logging(json: bool) {
     }
 }
 
+/// Sizes candle's thread pools for this process: `threads` from the config, else half of
+/// the machine's cores (the other half is the peer's). `RAYON_NUM_THREADS` set by the caller
+/// (e.g. `nested-reft train`) wins. Call before any model work.
+pub fn apply_threads(threads: usize) -> usize {
+    if let Some(n) = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    let n = if threads > 0 {
+        threads
+    } else {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        (cores / 2).max(1)
+    };
+    // Single-threaded at this point (before any pool starts), so changing the environment
+    // races with nothing.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    n
+}
+
 /// Pins the calling process to `cpus`.
 pub fn pin_cpus(cpus: &[usize]) -> Result<()> {
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.

@@ -130,6 +130,8 @@ pub fn main(args: ServerArgs) -> Result<()> {
     if let Some(cpus) = &args.common.cpus {
         super::pin_cpus(cpus)?;
     }
+    let threads = super::apply_threads(cfg.server_threads);
+    tracing::info!(threads, "CPU threads of this process");
     let stop = stop_flag()?;
     let reload = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())

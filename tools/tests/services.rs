@@ -1,0 +1,522 @@
+//! The learner and the rollout server as real processes on the real SmolLM2 weights (tiny
+//! batches): restarts, checkpoints, clean stops, startup errors, the handshake, and `sync`
+//! against `local`.
+
+#![allow(clippy::unwrap_used)]
+
+use serde_json::Value;
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LEARNER: &str = env!("CARGO_BIN_EXE_nested-reft-learner");
+const SERVER: &str = env!("CARGO_BIN_EXE_nested-reft-rollout-server");
+const CLI: &str = env!("CARGO_BIN_EXE_nested-reft");
+
+/// A tiny async configuration: 2 prompts × 2 completions of ≤ 8 tokens per batch.
+fn tiny_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "mode = \"async\"\nsteps = 6\nseed = 5\nmax_staleness = 1\ncheckpoint_every = 3\n\
+             keep_checkpoints = 2\nsave_model = false\nlearner_threads = 1\nserver_threads = 1\n\
+             {extra}\n[generator]\nprompts_per_batch = 2\ngroup_size = 2\nmax_new_tokens = 8\n\
+             temperature = 1.0\n[update]\ntemperature = 1.0\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+struct Svc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Svc {
+    fn start(bin: &str, config: &Path, runtime: &Path, state: &Path, extra: &[&str]) -> Self {
+        Self::start_env(bin, config, runtime, state, extra, &[])
+    }
+
+    fn start_env(
+        bin: &str,
+        config: &Path,
+        runtime: &Path,
+        state: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Self {
+        std::fs::create_dir_all(state).unwrap();
+        let log = state.join(format!(
+            "{}-{}.log",
+            Path::new(bin).file_name().unwrap().to_string_lossy(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(config)
+            .arg("--runtime-dir")
+            .arg(runtime)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--peer-timeout", "300"])
+            .args(extra)
+            .env("RAYON_NUM_THREADS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own, not yet reaped child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for the exit; panics with the log after `limit`.
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("no exit within {limit:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Svc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn step_lines(path: &Path) -> Vec<Value> {
+    lines(path)
+        .into_iter()
+        .filter(|v| v.get("event").is_none())
+        .collect()
+}
+
+/// Polls `cond` every 100 ms for up to `limit`.
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool, logs: &[&Svc]) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > limit {
+            let all: Vec<String> = logs.iter().map(|s| s.log()).collect();
+            panic!(
+                "timed out waiting for {what}; logs:\n{}",
+                all.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn latest(ckpt: &Path) -> Option<String> {
+    std::fs::read_to_string(ckpt.join("LATEST"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+#[test]
+fn either_side_restarts_and_training_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path(), "");
+    let runtime = dir.path().join("run");
+    let (lstate, sstate) = (dir.path().join("learner"), dir.path().join("server"));
+    let metrics = lstate.join("metrics.jsonl");
+    let ckpt = lstate.join("checkpoints");
+    let mut server = Svc::start(SERVER, &cfg, &runtime, &sstate, &[]);
+    let mut learner = Svc::start(LEARNER, &cfg, &runtime, &lstate, &["--resume"]);
+
+    // 3 async steps write metrics and a checkpoint.
+    wait_for(
+        "the checkpoint of step 3",
+        Duration::from_secs(600),
+        || latest(&ckpt).as_deref() == Some("step-00000003"),
+        &[&learner, &server],
+    );
+    assert!(step_lines(&metrics).len() >= 3);
+    // SIGKILL the learner; the checkpoint it resumes from is the one LATEST names then.
+    learner.signal(libc::SIGKILL);
+    learner.wait(Duration::from_secs(30));
+    let resumed_at: u64 = latest(&ckpt).unwrap()["step-".len()..].parse().unwrap();
+    let before = step_lines(&metrics);
+    let trained_before: Vec<u64> = before
+        .iter()
+        .filter(|v| v["step"].as_u64().unwrap() <= resumed_at)
+        .map(|v| v["batch_id"].as_u64().unwrap())
+        .collect();
+    let mut learner = Svc::start(LEARNER, &cfg, &runtime, &lstate, &["--resume"]);
+    wait_for(
+        "a step after the resume",
+        Duration::from_secs(600),
+        || {
+            lines(&metrics)
+                .iter()
+                .skip_while(|v| v.get("event").is_none_or(|e| e != "resumed"))
+                .any(|v| v.get("event").is_none())
+        },
+        &[&learner, &server],
+    );
+    let log = learner.log();
+    assert!(log.contains("resumed from"), "{log}");
+    let all = lines(&metrics);
+    let resume = all
+        .iter()
+        .position(|v| v.get("event").is_some_and(|e| e == "resumed"))
+        .unwrap();
+    assert_eq!(all[resume]["step"].as_u64().unwrap(), resumed_at);
+    // The steps that ran after the checkpoint are reported as rolled back.
+    let rolled: Vec<u64> = before
+        .iter()
+        .map(|v| v["step"].as_u64().unwrap())
+        .filter(|&s| s > resumed_at)
+        .collect();
+    assert_eq!(all[resume]["rolled_back_steps"], serde_json::json!(rolled));
+    // The first step after the resume is step resumed_at + 1, on a batch never trained before.
+    let after: Vec<&Value> = all[resume + 1..]
+        .iter()
+        .filter(|v| v.get("event").is_none())
+        .collect();
+    assert_eq!(after[0]["step"].as_u64().unwrap(), resumed_at + 1);
+    let seen_max = before
+        .iter()
+        .map(|v| v["batch_id"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    for v in &after {
+        let b = v["batch_id"].as_u64().unwrap();
+        assert!(
+            b > seen_max && !trained_before.contains(&b),
+            "batch {b} trained again after the resume: {all:?}"
+        );
+    }
+
+    // SIGKILL the server mid-batch: the learner waits, says so, and goes on after a restart.
+    let pushed = lines(&sstate.join("metrics.jsonl")).len();
+    wait_for(
+        "the server to be generating",
+        Duration::from_secs(300),
+        || lines(&sstate.join("metrics.jsonl")).len() > pushed,
+        &[&learner, &server],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    server.signal(libc::SIGKILL);
+    server.wait(Duration::from_secs(30));
+    wait_for(
+        "the learner to say it waits",
+        Duration::from_secs(300),
+        || learner.log().contains("waiting for the rollout server"),
+        &[&learner],
+    );
+    assert!(learner.alive(), "{}", learner.log());
+    let steps_then = step_lines(&metrics).len();
+    let server = Svc::start(SERVER, &cfg, &runtime, &sstate, &[]);
+    assert!(server.log().is_empty() || !server.log().contains("ERROR"));
+    wait_for(
+        "a step after the server restart",
+        Duration::from_secs(600),
+        || step_lines(&metrics).len() > steps_then,
+        &[&learner, &server],
+    );
+    let slog = server.log();
+    assert!(slog.contains("continuing from"), "{slog}");
+    // Batch ids stay unique among everything trained since the resume.
+    let after: Vec<u64> = lines(&metrics)
+        .iter()
+        .skip(resume + 1)
+        .filter(|v| v.get("event").is_none())
+        .map(|v| v["batch_id"].as_u64().unwrap())
+        .collect();
+    let mut uniq = after.clone();
+    uniq.sort_unstable();
+    uniq.dedup();
+    assert_eq!(uniq.len(), after.len(), "{after:?}");
+
+    // SIGTERM to the learner: it checkpoints and exits 0; the server stays up and waits.
+    let mut server = server;
+    learner.signal(libc::SIGTERM);
+    let status = learner.wait(Duration::from_secs(300));
+    assert!(status.success(), "{status:?}\n{}", learner.log());
+    let step_now = step_lines(&metrics).last().unwrap()["step"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(latest(&ckpt).unwrap(), format!("step-{step_now:08}"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        server.alive(),
+        "the server must wait for a restarted learner"
+    );
+    // SIGTERM to the server: a clean exit too.
+    server.signal(libc::SIGTERM);
+    let status = server.wait(Duration::from_secs(300));
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(server.log().contains("stopped"), "{}", server.log());
+}
+
+#[test]
+fn sync_mode_gives_the_weights_of_local_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut models = Vec::new();
+    for mode in ["local", "sync"] {
+        let out = dir.path().join(mode);
+        let o = Command::new(CLI)
+            .args(["train", "--mode", mode, "--steps", "2", "--seed", "11"])
+            .args([
+                "--prompts-per-batch",
+                "4",
+                "-g",
+                "4",
+                "--max-new-tokens",
+                "32",
+            ])
+            .args([
+                "--temperature",
+                "0.7",
+                "--lr",
+                "1e-4",
+                "--checkpoint-every",
+                "0",
+            ])
+            .args(["--learner-threads", "1", "--server-threads", "1"])
+            .arg("--output-dir")
+            .arg(&out)
+            // One thread everywhere: the local run's matmuls then sum in the same order.
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let steps: Vec<Value> = step_lines(&out.join("metrics.jsonl"));
+        let version = steps.last().unwrap()["update"]["version"].as_u64().unwrap();
+        assert!(
+            version >= 1,
+            "{mode}: no update was made, the comparison would be empty"
+        );
+        models.push(out.join("model/model.safetensors"));
+    }
+    let a = model::candle_core::safetensors::load(&models[0], &model::candle_core::Device::Cpu)
+        .unwrap();
+    let b = model::candle_core::safetensors::load(&models[1], &model::candle_core::Device::Cpu)
+        .unwrap();
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for (name, ta) in &a {
+        let tb = &b[name];
+        let d = (ta - tb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        worst = worst.max(d);
+    }
+    // Same seed, same batches, same f32 arithmetic: the weights agree to f32 rounding. The
+    // bound allows for a different summation order in one kernel, nothing more.
+    assert!(worst <= 1e-6, "max |Δw| = {worst}");
+}
+
+/// Listens on a NOTIFY_SOCKET; returns what was received.
+fn notify_socket(dir: &Path) -> (UnixDatagram, PathBuf) {
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    (sock, path)
+}
+
+fn notifications(sock: &UnixDatagram) -> String {
+    let mut out = String::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        out.push_str(&String::from_utf8_lossy(&buf[..n]));
+        out.push('\n');
+    }
+    out
+}
+
+/// Runs `bin` to its exit with a NOTIFY_SOCKET; returns (success, stderr, notifications).
+fn run_to_exit(bin: &str, dir: &Path, config: &Path, extra: &[&str]) -> (bool, String, String) {
+    let (sock, path) = notify_socket(dir);
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .arg("--runtime-dir")
+        .arg(dir.join("run"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--peer-timeout", "5"])
+        .args(extra)
+        .env("NOTIFY_SOCKET", &path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    let got = notifications(&sock);
+    let _ = std::fs::remove_file(&path);
+    (status.success(), err, got)
+}
+
+#[test]
+fn startup_errors_are_one_clear_message_before_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A dataset file with a bad line, a model directory without a tokenizer.
+    std::fs::write(
+        d.join("bad.jsonl"),
+        "{\"question\": \"1+1?\", \"answer\": \"2\"}\nnot json\n",
+    )
+    .unwrap();
+    let no_tok = d.join("no-tokenizer");
+    std::fs::create_dir_all(&no_tok).unwrap();
+    std::fs::write(no_tok.join("config.json"), "{}").unwrap();
+    let cases: Vec<(&str, &str, String, &str)> = vec![
+        (
+            "missing model",
+            LEARNER,
+            "model = \"/nonexistent/model.gguf\"".into(),
+            "/nonexistent/model.gguf",
+        ),
+        (
+            "missing tokenizer",
+            SERVER,
+            format!("model = {:?}", no_tok.to_str().unwrap()),
+            "tokenizer",
+        ),
+        (
+            "bad config value",
+            LEARNER,
+            "steps = 0".into(),
+            "steps must be at least 1",
+        ),
+        (
+            "bad dataset line in strict mode",
+            SERVER,
+            format!(
+                "[dataset]\nkind = \"jsonl\"\npath = {:?}\nstrict = true",
+                d.join("bad.jsonl").to_str().unwrap()
+            ),
+            "bad.jsonl:2",
+        ),
+        (
+            "reward module that fails to start",
+            SERVER,
+            "[reward]\nkind = \"external\"\ncommand = [\"/nonexistent/reward-module\"]".into(),
+            "reward",
+        ),
+    ];
+    for (what, bin, toml, needle) in cases {
+        let case = d.join(what.replace(' ', "-"));
+        std::fs::create_dir_all(&case).unwrap();
+        let cfg = case.join("config.toml");
+        std::fs::write(&cfg, format!("{toml}\n")).unwrap();
+        let (ok, err, notes) = run_to_exit(bin, &case, &cfg, &[]);
+        assert!(!ok, "{what}: exited 0\n{err}");
+        assert!(
+            !notes.contains("READY=1"),
+            "{what}: READY before the error: {notes}"
+        );
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("Error")).collect();
+        assert_eq!(
+            errors.len(),
+            1,
+            "{what}: one error message expected:\n{err}"
+        );
+        assert!(
+            err.contains(needle),
+            "{what}: the message should mention {needle:?}:\n{err}"
+        );
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    }
+}
+
+#[test]
+fn a_model_mismatch_is_refused_at_the_handshake_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The same weights under a different configuration: another model hash.
+    let other = d.join("other-model");
+    let m = model::load_model(
+        &rewards::assets_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &model::LoadOptions::default(),
+    )
+    .unwrap();
+    model::save_pretrained(&m.decoder, &m.tokenizer, &other).unwrap();
+    let cfg_path = other.join("config.json");
+    let mut hf: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    hf["rope_theta"] = serde_json::json!(hf["rope_theta"].as_f64().unwrap() * 2.0);
+    std::fs::write(&cfg_path, hf.to_string()).unwrap();
+    let learner_cfg = tiny_config(d, "");
+    let server_dir = d.join("s");
+    std::fs::create_dir_all(&server_dir).unwrap();
+    let server_cfg = tiny_config(
+        &server_dir,
+        &format!("model = {:?}", other.to_str().unwrap()),
+    );
+    let runtime = d.join("run");
+    let mut learner = Svc::start(LEARNER, &learner_cfg, &runtime, &d.join("ls"), &[]);
+    let mut server = Svc::start(SERVER, &server_cfg, &runtime, &d.join("ss"), &[]);
+    let ls = learner.wait(Duration::from_secs(300));
+    let ss = server.wait(Duration::from_secs(300));
+    assert!(!ls.success() && !ss.success());
+    for (who, log) in [("learner", learner.log()), ("server", server.log())] {
+        assert!(
+            log.contains("handshake mismatch on model_hash"),
+            "{who}: {log}"
+        );
+        assert!(
+            log.contains("(learner)") && log.contains("(rollout-server)"),
+            "{who} must name both sides: {log}"
+        );
+    }
+}
