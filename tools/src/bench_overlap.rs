@@ -421,3 +421,97 @@ pub fn timeline(path: &Path, out: &Path) -> Result<()> {
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    /// Writes a run whose learner steps end every `period` seconds, the server generating for
+    /// `gen` and pushing for 0.1 s per batch, the learner training for `train` per step.
+    fn write_run(dir: &Path, period: f64, gen: f64, train: f64, steps: usize) {
+        std::fs::create_dir_all(dir.join("rollout-server")).unwrap();
+        let mut learner = String::new();
+        let mut server = String::new();
+        for k in 0..steps {
+            let end = 10.0 + period * (k as f64 + 1.0);
+            let g0 = end - train - 0.1 - gen;
+            server.push_str(
+                &json!({"batch_id": k, "wall_s": g0 + gen + 0.1, "load_s": 0.05, "spans": [
+                    {"stage": "generate", "start": g0, "end": g0 + gen},
+                    {"stage": "push", "start": g0 + gen, "end": g0 + gen + 0.1},
+                ]})
+                .to_string(),
+            );
+            server.push('\n');
+            learner.push_str(
+                &json!({"step": k + 1, "batch_id": k, "wall_s": end, "publish_s": 0.2,
+                    "update": {"reward_mean": 0.5}, "spans": [
+                    {"stage": "wait", "start": end - period, "end": end - train},
+                    {"stage": "train", "start": end - train, "end": end},
+                ]})
+                .to_string(),
+            );
+            learner.push('\n');
+        }
+        std::fs::write(dir.join("metrics.jsonl"), learner).unwrap();
+        std::fs::write(dir.join("rollout-server/metrics.jsonl"), server).unwrap();
+    }
+
+    #[test]
+    fn speedup_is_the_ratio_of_step_times_and_the_bound_comes_from_the_stage_times() {
+        let dir = tempfile::tempdir().unwrap();
+        // sync: generate 2.0 + push 0.1, then train 0.9: 3.0 s per step.
+        write_run(&dir.path().join("sync"), 3.0, 2.0, 0.9, 6);
+        // async: the server's 2.1 s per batch is the bottleneck.
+        write_run(&dir.path().join("async"), 2.1, 2.0, 0.9, 6);
+        let sync = measure(&dir.path().join("sync"), "sync").unwrap();
+        let asy = measure(&dir.path().join("async"), "async").unwrap();
+        assert!((sync.step_s - 3.0).abs() < 1e-9, "{sync:?}");
+        assert!((asy.step_s - 2.1).abs() < 1e-9, "{asy:?}");
+        assert_eq!(sync.timed_steps, 5);
+        assert!((sync.learner_busy_s - 0.9).abs() < 1e-9, "{sync:?}");
+        assert!((sync.server_busy_s - 2.1).abs() < 1e-9, "{sync:?}");
+        assert!((sync.publish_s - 0.2).abs() < 1e-12);
+        assert!((sync.load_s - 0.05).abs() < 1e-12);
+        // In sync the learner idles 2.1 of every 3 s.
+        assert!((sync.learner_idle - 0.7).abs() < 1e-9, "{sync:?}");
+        let split = crate::train::procs::Split {
+            learner: 1,
+            server: 1,
+            cores: 2,
+        };
+        let r = report(&split, sync, asy);
+        assert_eq!(r.speedup, r.sync.step_s / r.r#async.step_s);
+        assert_eq!(r.tg_s, r.sync.server_busy_s);
+        assert_eq!(r.tt_s, r.sync.learner_busy_s);
+        assert!((r.ideal_bound - 3.0 / 2.1).abs() < 1e-9, "{r:?}");
+        assert!((r.fraction_of_bound - 1.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn the_timeline_is_an_svg_with_a_lane_per_process_and_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        write_run(&dir.path().join("sync"), 3.0, 2.0, 0.9, 4);
+        write_run(&dir.path().join("async"), 2.1, 2.0, 0.9, 4);
+        let path = dir.path().join("timeline.svg");
+        timeline(&path, dir.path()).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        for lane in [
+            "sync: rollout server",
+            "sync: learner",
+            "async: rollout server",
+            "async: learner",
+        ] {
+            assert!(svg.contains(lane), "missing lane {lane}");
+        }
+        for stage in ["generate", "push", "train", "wait"] {
+            assert!(svg.contains(stage), "missing legend entry {stage}");
+        }
+        // Every span is drawn: 2 modes × 4 steps × (2 server + 2 learner spans), plus the
+        // background, the plot area and the legend.
+        assert!(svg.matches("<rect").count() >= 2 * 4 * 4, "{svg}");
+    }
+}

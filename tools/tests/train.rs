@@ -18,6 +18,8 @@ fn two_local_steps_write_metrics_plot_and_a_model_that_loads_back() {
     let out_dir = dir.path().join("run");
     let out = run(&[
         "train",
+        "--mode",
+        "local",
         "--steps",
         "2",
         "--prompts-per-batch",
@@ -157,11 +159,19 @@ fn print_config_round_trips_through_a_file() {
 
 #[test]
 fn ctrl_c_stops_after_the_current_step_and_still_saves() {
+    for mode in ["local", "async"] {
+        ctrl_c_in_mode(mode);
+    }
+}
+
+fn ctrl_c_in_mode(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("run");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nested-reft"))
         .args([
             "train",
+            "--mode",
+            mode,
             "--steps",
             "200",
             "--prompts-per-batch",
@@ -200,11 +210,22 @@ fn ctrl_c_stops_after_the_current_step_and_still_saves() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("interrupted: stopping after step"),
-        "{stderr}"
+        stderr.contains(if mode == "local" {
+            "interrupted: stopping after step"
+        } else {
+            "interrupted: stopping both processes after their current step"
+        }),
+        "{mode}: {stderr}"
     );
     let steps = std::fs::read_to_string(&metrics).unwrap().lines().count();
-    assert!((1..200).contains(&steps), "{steps} steps");
+    assert!((1..200).contains(&steps), "{mode}: {steps} steps");
+    if mode == "async" {
+        // Both processes stopped cleanly: the learner checkpointed, the server said so.
+        let learner = std::fs::read_to_string(out_dir.join("learner.log")).unwrap();
+        let server = std::fs::read_to_string(out_dir.join("rollout-server.log")).unwrap();
+        assert!(out_dir.join("checkpoints/LATEST").is_file(), "{learner}");
+        assert!(server.contains("stopped"), "{server}");
+    }
     assert!(out_dir.join("reward.svg").is_file());
     assert!(out_dir.join("model").join("model.safetensors").is_file());
     assert!(!out_dir.join("model.tmp").exists());

@@ -503,12 +503,13 @@ fn run(
             "trained {steps} steps; telling the rollout server to stop"
         );
         control.send(Message::Shutdown);
-        if cfg.save_model {
-            let dir = paths.state_dir.join("model");
-            crate::train::save_model(&learner, &tokenizer, &dir)?;
-            info!("saved the model to {}", dir.display());
-        }
-    } else {
+    }
+    if cfg.save_model && step > 0 {
+        let dir = paths.state_dir.join("model");
+        crate::train::save_model(&learner, &tokenizer, &dir)?;
+        info!("saved the model of step {step} to {}", dir.display());
+    }
+    if !finished {
         info!(step, "stopped");
     }
     Ok(())
