@@ -131,7 +131,6 @@ pub fn run(args: BenchOverlapArgs) -> Result<()> {
                 &args.steps.to_string(),
                 "--no-save",
             ])
-            .args(["--checkpoint-every", "0"])
             .arg("--output-dir")
             .arg(&dir);
         if let Some(c) = &args.config {

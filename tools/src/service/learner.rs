@@ -2,7 +2,7 @@
 //! checkpoints.
 
 use super::{
-    nap, ring_descriptor, stop_flag, stopping, unix_now, write_atomic, JsonLines, Notifier, Paths,
+    nap, ring_descriptor, stopping, unix_now, write_atomic, JsonLines, Notifier, Paths,
     ServiceArgs, Span, Timeline,
 };
 use crate::train::TrainFile;
@@ -204,15 +204,7 @@ impl ControlLink {
 
 /// Runs the learner service until its steps are done or it is stopped.
 pub fn main(args: LearnerArgs) -> Result<()> {
-    super::init_logging(args.common.log_json);
-    let cfg = args.common.load_config()?;
-    let paths = args.common.paths(&cfg, "learner")?;
-    if let Some(cpus) = &args.common.cpus {
-        super::pin_cpus(cpus)?;
-    }
-    let threads = super::apply_threads(cfg.learner_threads);
-    tracing::info!(threads, "CPU threads of this process");
-    let stop = stop_flag()?;
+    let (cfg, paths, stop) = args.common.start("learner", |c| c.learner_threads)?;
     let steps = args.steps.unwrap_or(cfg.steps);
     run(
         &cfg,

@@ -76,6 +76,25 @@ impl Paths {
 }
 
 impl ServiceArgs {
+    /// The common start of both services: logging, the configuration, the directories, CPU
+    /// pinning, the thread pools (`threads` picks this role's count) and the stop flag.
+    pub fn start(
+        &self,
+        role: &str,
+        threads: impl Fn(&TrainFile) -> usize,
+    ) -> Result<(TrainFile, Paths, Arc<AtomicBool>)> {
+        init_logging(self.log_json);
+        let cfg = self.load_config()?;
+        let paths = self.paths(&cfg, role)?;
+        if let Some(cpus) = &self.cpus {
+            pin_cpus(cpus)?;
+        }
+        let threads = apply_threads(threads(&cfg));
+        tracing::info!(threads, "{role}: CPU threads of this process");
+        let stop = stop_flag()?;
+        Ok((cfg, paths, stop))
+    }
+
     /// Reads and validates the configuration file.
     pub fn load_config(&self) -> Result<TrainFile> {
         crate::train::load_config_file(self.config.as_deref())

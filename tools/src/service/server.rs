@@ -3,7 +3,7 @@
 //! `max_staleness` batches ahead of the learner.
 
 use super::{
-    nap, ring_descriptor, stop_flag, stopping, unix_now, write_atomic, JsonLines, Notifier, Paths,
+    nap, ring_descriptor, stopping, unix_now, write_atomic, JsonLines, Notifier, Paths,
     ServiceArgs, Span, Timeline,
 };
 use crate::train::TrainFile;
@@ -15,8 +15,7 @@ use protocol::{
     ControlError, HandshakeError, OpenError, PinError, Producer, PushError, Reader, RolloutRing,
     SegmentError, WeightStore,
 };
-use rollout_server::dataset::Dataset;
-use rollout_server::{GenerationStats, Generator, GeneratorState};
+use rollout_server::{GenerationStats, GeneratorState};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -124,15 +123,7 @@ impl ControlLink {
 
 /// Runs the rollout server until it is stopped or the learner says it is done.
 pub fn main(args: ServerArgs) -> Result<()> {
-    super::init_logging(args.common.log_json);
-    let cfg = args.common.load_config()?;
-    let paths = args.common.paths(&cfg, "rollout-server")?;
-    if let Some(cpus) = &args.common.cpus {
-        super::pin_cpus(cpus)?;
-    }
-    let threads = super::apply_threads(cfg.server_threads);
-    tracing::info!(threads, "CPU threads of this process");
-    let stop = stop_flag()?;
+    let (cfg, paths, stop) = args.common.start("rollout-server", |c| c.server_threads)?;
     let reload = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())
         .context("while installing the SIGHUP handler")?;
@@ -157,21 +148,7 @@ fn run(
     let device = loaded.decoder.device().clone();
     let num_layers = loaded.decoder.config().num_layers;
     drop(loaded.decoder);
-    let dataset = Dataset::open(&cfg.dataset).context("while loading the dataset")?;
-    for s in &dataset.stats().skipped {
-        warn!("{s}");
-    }
-    let reward = cfg.reward.build().context("while starting the reward")?;
-    let plan = cfg.plan.to_args(cfg.seed)?.spec(num_layers)?;
-    let mut generator = Generator::new(
-        cfg.generator.clone(),
-        dataset,
-        plan,
-        num_layers,
-        reward,
-        loaded.tokenizer,
-    )
-    .context("while setting up generation")?;
+    let mut generator = cfg.generator(num_layers, loaded.tokenizer, |s| warn!("{s}"))?;
     let state_path = paths.state_dir.join("server-state.json");
     if let Ok(text) = std::fs::read_to_string(&state_path) {
         let state: GeneratorState = serde_json::from_str(&text)

@@ -459,6 +459,34 @@ fn validate(f: &mut TrainFile) -> Result<()> {
     Ok(())
 }
 
+impl TrainFile {
+    /// The generator this configuration describes: dataset, reward, plan and sampling, for a
+    /// model of `num_layers` layers. `warn` receives each skipped dataset line.
+    pub fn generator(
+        &self,
+        num_layers: usize,
+        tokenizer: model::Tokenizer,
+        warn: impl Fn(&str),
+    ) -> Result<rollout_server::Generator> {
+        let dataset = rollout_server::dataset::Dataset::open(&self.dataset)
+            .context("while loading the dataset")?;
+        for s in &dataset.stats().skipped {
+            warn(&s.to_string());
+        }
+        let reward = self.reward.build().context("while starting the reward")?;
+        let plan = self.plan.to_args(self.seed)?.spec(num_layers)?;
+        rollout_server::Generator::new(
+            self.generator.clone(),
+            dataset,
+            plan,
+            num_layers,
+            reward,
+            tokenizer,
+        )
+        .context("while setting up generation")
+    }
+}
+
 impl PlanFile {
     /// The plan flags this section stands for.
     pub fn to_args(&self, seed: u64) -> Result<PlanArgs> {

@@ -12,8 +12,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use learner::{Learner, StepStats};
 use model::LoadOptions;
-use rollout_server::dataset::Dataset;
-use rollout_server::{GenerationStats, Generator};
+use rollout_server::GenerationStats;
 use serde::Serialize;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
@@ -78,11 +77,6 @@ fn train(cfg: &TrainConfig) -> Result<()> {
     let f = &cfg.file;
     let out = &cfg.output_dir;
 
-    let dataset = Dataset::open(&f.dataset).context("while loading the dataset")?;
-    for s in &dataset.stats().skipped {
-        eprintln!("warning: {s}");
-    }
-    let reward = f.reward.build().context("while building the reward")?;
     let model_args = crate::modelargs::ModelArgs {
         model: f.model.clone(),
     };
@@ -91,17 +85,8 @@ fn train(cfg: &TrainConfig) -> Result<()> {
         ..LoadOptions::default()
     })?;
     let num_layers = loaded.decoder.config().num_layers;
-    let plan = f.plan.to_args(f.seed)?.spec(num_layers)?;
     let tokenizer = loaded.tokenizer.clone();
-    let mut generator = Generator::new(
-        f.generator.clone(),
-        dataset,
-        plan,
-        num_layers,
-        reward,
-        loaded.tokenizer,
-    )
-    .context("while setting up generation")?;
+    let mut generator = f.generator(num_layers, loaded.tokenizer, |s| eprintln!("warning: {s}"))?;
     let reference = if f.update.kl_coef > 0.0 {
         Some(model_args.load()?.decoder)
     } else {
