@@ -377,7 +377,9 @@ fn run(
         shutdown_asked = control.poll()?;
         notifier.alive();
         if ready.is_empty() {
-            match ring.pop(Duration::from_millis(100)) {
+            // Polled with short naps rather than the ring's spinning wait: while the learner
+            // idles, the CPU belongs to the server.
+            match ring.try_pop() {
                 // A batch id at or below the last one handed on was trained (or dropped)
                 // already: a server that restarted between pushing and saving its state
                 // redoes it. Never train a batch twice.
@@ -385,17 +387,19 @@ fn run(
                     duplicate_records += 1;
                 }
                 Ok(rec) => ready.extend(assembler.push(rec, learner.version())),
-                Err(PopError::Timeout(_)) | Err(PopError::Empty) => {}
-                Err(PopError::ProducerDead { generation }) => {
+                Err(PopError::Timeout(_)) | Err(PopError::Empty) => {
                     if last_notice.elapsed() > Duration::from_secs(10) {
-                        info!(
-                            generation,
-                            "waiting for the rollout server (its process is gone; it resumes the ring when it restarts)"
-                        );
+                        if !ring.producer_alive() {
+                            info!(
+                                generation = ring.producer_generation(),
+                                "waiting for the rollout server (its process is gone; it resumes the ring when it restarts)"
+                            );
+                        }
                         last_notice = Instant::now();
                     }
-                    nap(stop, Duration::from_millis(100));
+                    nap(stop, Duration::from_millis(5));
                 }
+                Err(PopError::ProducerDead { .. }) => nap(stop, Duration::from_millis(5)),
                 Err(PopError::Corrupt { seq, reason }) => {
                     warn!("record {seq} quarantined: {reason}; its group will be dropped");
                 }

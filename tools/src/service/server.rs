@@ -430,17 +430,23 @@ fn push(
 ) -> Result<bool> {
     let mut last_notice = Instant::now();
     loop {
-        match ring.push(&rec.as_view(), Duration::from_millis(200)) {
+        // Short naps rather than the ring's spinning wait: while the server waits, the CPU
+        // belongs to the learner.
+        match ring.try_push(&rec.as_view()) {
             Ok(_) => return Ok(true),
-            Err(PushError::Timeout { consumer_alive, .. }) => {
+            Err(PushError::Full { .. }) => {
                 if stopping(stop) {
                     return Ok(false);
                 }
                 if last_notice.elapsed() > Duration::from_secs(10) {
-                    info!(consumer_alive, "the ring is full; waiting for the learner");
+                    info!(
+                        consumer_alive = ring.consumer_alive(),
+                        "the ring is full; waiting for the learner"
+                    );
                     last_notice = Instant::now();
                 }
                 notifier.alive();
+                nap(stop, Duration::from_millis(5));
             }
             Err(e) => return Err(e).context("while pushing a record"),
         }
