@@ -123,10 +123,7 @@ impl WeightBridge {
         let mut tensors = HashMap::with_capacity(self.specs.len());
         for spec in self.manifest.tensors() {
             let bytes = &slot[spec.offset..spec.offset + spec.size];
-            let data: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let data = read_f32(bytes);
             let t = Tensor::from_vec(data, spec.shape.clone(), device)?;
             tensors.insert(spec.name.clone(), t);
         }
@@ -160,8 +157,37 @@ fn fill(src: &[f32], dst: &mut [u8]) -> Result<()> {
             dst.len()
         )));
     }
-    for (d, s) in dst.chunks_exact_mut(4).zip(src) {
-        d.copy_from_slice(&s.to_le_bytes());
+    if cfg!(target_endian = "little") {
+        // SAFETY: f32 is plain data with no padding; `dst` holds exactly `4 · src.len()`
+        // bytes (checked above); the regions cannot overlap (`src` is a tensor's storage,
+        // `dst` a weight slot or a separate buffer). On a little-endian target the native
+        // bytes are the little-endian encoding the store uses.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr().cast::<u8>(), dst.as_mut_ptr(), dst.len())
+        };
+    } else {
+        for (d, s) in dst.chunks_exact_mut(4).zip(src) {
+            d.copy_from_slice(&s.to_le_bytes());
+        }
     }
     Ok(())
+}
+
+/// Little-endian f32 bytes (a multiple of 4) into values.
+fn read_f32(bytes: &[u8]) -> Vec<f32> {
+    let n = bytes.len() / 4;
+    if cfg!(target_endian = "little") {
+        let mut out = vec![0f32; n];
+        // SAFETY: `out` holds `n` f32 = `4n` writable bytes, `bytes` at least `4n` readable
+        // ones; they do not overlap (fresh allocation); any bit pattern is a valid f32.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr().cast::<u8>(), 4 * n)
+        };
+        out
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
 }

@@ -298,12 +298,10 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
                 break Err(child_failed(&server, ss));
             }
             (Some(_), Some(_)) => break Ok(()),
-            (Some(_), None) => {
-                // The learner is done and told the server to stop; give it a moment.
-                if server.wait(Duration::from_secs(30))?.is_none() {
-                    server.terminate();
-                    server.wait(Duration::from_secs(120))?;
-                }
+            // The learner is done and told the server to stop; give it a moment.
+            (Some(_), None) if server.wait(Duration::from_secs(30))?.is_none() => {
+                server.terminate();
+                server.wait(Duration::from_secs(120))?;
             }
             (None, Some(_)) if forwarded => {
                 learner.wait(Duration::from_secs(600))?;
