@@ -19,8 +19,9 @@ time per step of each (steady state: the first step, which includes start-up, is
 speedup sync/async, and the ideal bound (Tg + Tt) / max(Tg, Tt), where Tg is the server's time \
 per batch (load weights, generate, score, push) and Tt the learner's time per step (train, \
 publish, checkpoint), both measured in the sync run. Also: each process's idle fraction in the \
-async run, weight publish and load times, and a timeline picture (SVG) of both runs. On a CPU \
-it states how many threads (and cores) each process had.";
+async run, weight publish and load times, a timeline picture (`timeline.svg`) of both runs, and \
+both runs' reward per step on one chart (`rewards.svg`). On a CPU it states how many threads \
+(and cores) each process had.";
 
 /// `nested-reft bench overlap`.
 #[derive(Debug, Args)]
@@ -155,9 +156,11 @@ pub fn run(args: BenchOverlapArgs) -> Result<()> {
     )
     .with_context(|| format!("while writing {}", out.join("overlap.json").display()))?;
     timeline(&out.join("timeline.svg"), &out)?;
+    reward_plot(&out.join("rewards.svg"), &out)?;
     print_report(&report);
     println!("report:   {}", out.join("overlap.json").display());
     println!("timeline: {}", out.join("timeline.svg").display());
+    println!("rewards:  {}", out.join("rewards.svg").display());
     Ok(())
 }
 
@@ -312,6 +315,22 @@ pub fn measure(dir: &Path, mode: &str) -> Result<ModeResult> {
             .map(|u| f(u, "reward_mean"))
             .unwrap_or(0.0),
     })
+}
+
+/// Both runs' mean reward per step on one chart (same seed: how staleness changes learning).
+pub fn reward_plot(path: &Path, out: &Path) -> Result<()> {
+    let mut curves = Vec::new();
+    for mode in ["sync", "async"] {
+        let points: Vec<(u64, f64)> = read_lines(&out.join(mode).join("metrics.jsonl"))?
+            .iter()
+            .filter_map(|v| {
+                let u = v.get("update").filter(|u| !u.is_null())?;
+                Some((v.get("step")?.as_u64()?, u.get("reward_mean")?.as_f64()?))
+            })
+            .collect();
+        curves.push((mode.to_string(), points));
+    }
+    crate::train::plot::reward_curves(path, "mean reward per step: sync vs async", &curves)
 }
 
 const STAGES: [(&str, RGBColor); 8] = [
@@ -509,6 +528,13 @@ mod tests {
         for stage in ["generate", "push", "train", "wait"] {
             assert!(svg.contains(stage), "missing legend entry {stage}");
         }
+        let rewards = dir.path().join("rewards.svg");
+        reward_plot(&rewards, dir.path()).unwrap();
+        let svg2 = std::fs::read_to_string(&rewards).unwrap();
+        assert!(
+            svg2.contains("sync (thick") && svg2.contains("async (thick"),
+            "{svg2}"
+        );
         // Every span is drawn: 2 modes × 4 steps × (2 server + 2 learner spans), plus the
         // background, the plot area and the legend.
         assert!(svg.matches("<rect").count() >= 2 * 4 * 4, "{svg}");

@@ -73,3 +73,73 @@ pub fn reward_curve(path: &Path, title: &str, points: &[(u64, f64, f64)]) -> Res
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+/// Plots several runs' mean reward per step (`(label, [(step, reward)])`) on one chart: each
+/// run's raw reward thin, its trailing mean thick, in the run's colour.
+pub fn reward_curves(path: &Path, title: &str, curves: &[(String, Vec<(u64, f64)>)]) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("while drawing {}: {e}", path.display());
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let last = curves
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(|p| p.0))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let top = curves
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(|p| p.1))
+        .fold(1.0f64, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0u64..last, 0.0..top * 1.05)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("mean reward per batch")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let colours = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+    ];
+    for (i, (label, points)) in curves.iter().enumerate() {
+        let c = colours[i % colours.len()];
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                c.mix(0.35).stroke_width(1),
+            ))
+            .map_err(|e| err(&e))?;
+        let trend: Vec<(u64, f64)> = points
+            .iter()
+            .enumerate()
+            .map(|(j, p)| {
+                let window = &points[j.saturating_sub(TREND - 1)..=j];
+                (
+                    p.0,
+                    window.iter().map(|q| q.1).sum::<f64>() / window.len() as f64,
+                )
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(trend, c.stroke_width(3)))
+            .map_err(|e| err(&e))?
+            .label(format!("{label} (thick: mean of the last {TREND} steps)"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
