@@ -498,6 +498,20 @@ fn run(
             step,
             "trained {steps} steps; telling the rollout server to stop"
         );
+        // A server that is restarting right now would miss the message and wait for a
+        // learner that is done: give it a little while to reconnect first.
+        let grace = Instant::now();
+        while control.conn.is_none() && grace.elapsed() < Duration::from_secs(30) && !stopping(stop)
+        {
+            if control.poll().is_err() {
+                break;
+            }
+            notifier.alive();
+            nap(stop, Duration::from_millis(50));
+        }
+        if control.conn.is_none() {
+            warn!("the rollout server is not connected: it was not told to stop");
+        }
         control.send(Message::Shutdown);
     }
     if cfg.save_model && step > 0 {
