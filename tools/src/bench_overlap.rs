@@ -3,6 +3,7 @@
 //! speedup, the ideal bound (Tg + Tt) / max(Tg, Tt) from the stage times measured in the `sync`
 //! run, each process's idle fraction, weight publish and load times, and a timeline picture.
 
+use crate::service::Span;
 use crate::train::TrainFile;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -43,14 +44,6 @@ pub struct BenchOverlapArgs {
     /// re-plot or re-compute).
     #[arg(long)]
     pub reuse: bool,
-}
-
-/// One stage span read back from a metrics line.
-#[derive(Debug, Clone, serde::Deserialize)]
-struct Span {
-    stage: String,
-    start: f64,
-    end: f64,
 }
 
 /// What one mode measured.

@@ -206,7 +206,6 @@ fn run(
     // Wait for the learner: the handshake, then its weight store.
     let start = Instant::now();
     let mut said = false;
-    let mut in_flight: u64 = 0;
     let mut reader: Option<Reader> = None;
     loop {
         if stopping(stop) {
@@ -251,7 +250,8 @@ fn run(
     }
     let mut reader = reader.context("no weight store")?;
     // Batches already in the ring (from before a restart) count as in flight.
-    in_flight = in_flight.max(ring.len().div_ceil(records_per_batch(cfg)));
+    let mut per_batch = records_per_batch(cfg);
+    let mut in_flight = ring.len().div_ceil(per_batch);
     notifier.ready("generating");
     info!(batch_id = generator.state().next_batch_id, "ready");
 
@@ -260,7 +260,6 @@ fn run(
     let mut timeline = Timeline::default();
     let mut shutdown = false;
     let mut last_notice = Instant::now();
-    let mut per_batch = records_per_batch(cfg);
     while !(stopping(stop) || shutdown) {
         // Wait while too far ahead of the learner, or while there are no weights.
         let wait_start = unix_now();

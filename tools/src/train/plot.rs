@@ -47,19 +47,12 @@ pub fn reward_curve(path: &Path, title: &str, points: &[(u64, f64, f64)]) -> Res
         .map_err(|e| err(&e))?
         .label("accuracy")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(1)));
-    let trend: Vec<(u64, f64)> = points
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let window = &points[i.saturating_sub(TREND - 1)..=i];
-            (
-                p.0,
-                window.iter().map(|q| q.1).sum::<f64>() / window.len() as f64,
-            )
-        })
-        .collect();
+    let rewards: Vec<(u64, f64)> = points.iter().map(|p| (p.0, p.1)).collect();
     chart
-        .draw_series(LineSeries::new(trend, BLUE.stroke_width(2)))
+        .draw_series(LineSeries::new(
+            trailing_mean(&rewards),
+            BLUE.stroke_width(2),
+        ))
         .map_err(|e| err(&e))?
         .label(format!("mean reward, last {TREND} steps"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
@@ -116,17 +109,7 @@ pub fn reward_curves(path: &Path, title: &str, curves: &[(String, Vec<(u64, f64)
                 c.mix(0.35).stroke_width(1),
             ))
             .map_err(|e| err(&e))?;
-        let trend: Vec<(u64, f64)> = points
-            .iter()
-            .enumerate()
-            .map(|(j, p)| {
-                let window = &points[j.saturating_sub(TREND - 1)..=j];
-                (
-                    p.0,
-                    window.iter().map(|q| q.1).sum::<f64>() / window.len() as f64,
-                )
-            })
-            .collect();
+        let trend = trailing_mean(points);
         chart
             .draw_series(LineSeries::new(trend, c.stroke_width(3)))
             .map_err(|e| err(&e))?
@@ -142,4 +125,19 @@ pub fn reward_curves(path: &Path, title: &str, curves: &[(String, Vec<(u64, f64)
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+/// The mean of each point's last `TREND` values (fewer at the start).
+fn trailing_mean(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let window = &points[i.saturating_sub(TREND - 1)..=i];
+            (
+                p.0,
+                window.iter().map(|q| q.1).sum::<f64>() / window.len() as f64,
+            )
+        })
+        .collect()
 }
