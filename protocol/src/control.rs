@@ -35,7 +35,7 @@ pub struct Hello {
 }
 
 /// Control messages after the handshake.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Message {
     /// Handshake greeting.
@@ -52,6 +52,10 @@ pub enum Message {
         batch_id: u64,
         /// The published version.
         version: u64,
+        /// The learner's estimate of the per-token KL(μ‖π) between the behavior that
+        /// generated the batch and the policy it trained (k3 estimator; NaN when the batch
+        /// trained no tokens). The adaptive plan strategy steers by it.
+        kl_behavior: f64,
     },
     /// Stop after the current step.
     Shutdown,

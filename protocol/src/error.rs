@@ -42,6 +42,9 @@ pub enum RecordError {
         /// Declared groups in the batch.
         batch_groups: u32,
     },
+    /// A plan entry marks both blocks of its layer skipped (the layer should be absent).
+    #[error("plan entry {0:#06x} skips both blocks of its layer")]
+    BadPlanEntry(u16),
     /// The reserved header word is not zero.
     #[error("reserved header word is {0}, expected 0")]
     NonZeroReserved(u32),

@@ -45,7 +45,8 @@ pub use manifest::{DType, Manifest, TensorSpec, TENSOR_ALIGN};
 #[cfg(not(loom))]
 pub use record::{
     decode_record, encode_record, FinishReason, Limits, RecordRef, RecordView, Rewards,
-    RolloutRecord, Sampling, Timings, MAX_REWARD_COMPONENTS,
+    RolloutRecord, Sampling, Timings, MAX_REWARD_COMPONENTS, PLAN_LAYER_MASK, PLAN_SKIP_ATTN,
+    PLAN_SKIP_MLP,
 };
 #[cfg(not(loom))]
 pub use ring::{
@@ -61,4 +62,4 @@ pub use weights::{
 };
 
 /// The layout version announced in the control handshake: bumps when any wire layout changes.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;

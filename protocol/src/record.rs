@@ -2,8 +2,9 @@
 //!
 //! Wire layout inside a ring slot (native little-endian, every offset a multiple of 4):
 //! a [`RecordHeader`] (`#[repr(C)]`, 128 bytes), then `prompt` as u32 token ids, `completion` as
-//! u32 token ids, `logprobs` as f32 (one per completion token), `plan` as u16 layer indices
-//! padded to 4 bytes. Decoding trusts no length: every count is checked against the
+//! u32 token ids, `logprobs` as f32 (one per completion token), `plan` as u16 entries (a layer
+//! index in the low 14 bits, [`PLAN_SKIP_ATTN`] / [`PLAN_SKIP_MLP`] when one of the layer's two
+//! blocks was skipped) padded to 4 bytes. Decoding trusts no length: every count is checked against the
 //! [`Limits`] and the total against the payload size, with checked arithmetic.
 
 use crate::crc::{copy_with_crc, crc32c_append};
@@ -11,6 +12,25 @@ use crate::error::RecordError;
 
 /// Reward components carried per record (plus a total).
 pub const MAX_REWARD_COMPONENTS: usize = 4;
+
+/// Plan entry bits that hold the layer index (so at most 16384 layers).
+pub const PLAN_LAYER_MASK: u16 = 0x3FFF;
+/// Plan entry flag: the layer ran without its attention block.
+pub const PLAN_SKIP_ATTN: u16 = 0x8000;
+/// Plan entry flag: the layer ran without its MLP block.
+pub const PLAN_SKIP_MLP: u16 = 0x4000;
+
+/// A plan entry with both block flags set names a layer that did not run at all: such a layer
+/// is left out of the plan instead, so that every plan has one encoding.
+fn check_plan(plan: &[u16]) -> Result<(), RecordError> {
+    match plan
+        .iter()
+        .find(|&&e| e & (PLAN_SKIP_ATTN | PLAN_SKIP_MLP) == PLAN_SKIP_ATTN | PLAN_SKIP_MLP)
+    {
+        Some(&e) => Err(RecordError::BadPlanEntry(e)),
+        None => Ok(()),
+    }
+}
 
 /// Why generation stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +240,7 @@ impl RecordView<'_> {
             limits.max_completion_tokens,
         )?;
         check_count("plan", self.plan.len(), limits.max_plan_layers)?;
+        check_plan(self.plan)?;
         check_group(self.group_size, self.group_index, self.batch_groups)?;
         if self.logprobs.len() != self.completion.len() {
             return Err(RecordError::LogprobCount {
@@ -517,6 +538,7 @@ pub fn decode_record<'a>(bytes: &'a [u8], limits: &Limits) -> Result<RecordRef<'
             },
         }
     };
+    check_plan(view.plan)?;
     Ok(RecordRef { view })
 }
 

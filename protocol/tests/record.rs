@@ -129,3 +129,33 @@ fn decoding_checks_counts_lengths_and_codes() {
         Err(RecordError::Misaligned)
     );
 }
+
+#[test]
+fn plan_entries_carry_block_flags_and_reject_both() {
+    use protocol::{PLAN_SKIP_ATTN, PLAN_SKIP_MLP};
+    let limits = common::desc(4).limits;
+    let mut rec = common::record(7);
+    rec.plan = vec![0, 1 | PLAN_SKIP_ATTN, 2 | PLAN_SKIP_MLP, 5];
+    let bytes = encode_record(&rec.as_view(), &limits).expect("encode");
+    let buf = aligned(&bytes);
+    let back = decode_record(as_bytes(&buf, bytes.len()), &limits).expect("decode");
+    assert_eq!(back.view().plan, rec.plan.as_slice());
+
+    // Both flags on one entry: refused when writing and when reading.
+    let both = 3 | PLAN_SKIP_ATTN | PLAN_SKIP_MLP;
+    rec.plan = vec![0, both];
+    assert_eq!(
+        encode_record(&rec.as_view(), &limits),
+        Err(RecordError::BadPlanEntry(both))
+    );
+    let mut ok = common::record(7);
+    ok.plan = vec![0, 3];
+    let mut bytes = encode_record(&ok.as_view(), &limits).expect("encode");
+    let at = bytes.len() - 4 + 2; // the second u16 of the (4-byte padded) plan
+    bytes[at..at + 2].copy_from_slice(&both.to_le_bytes());
+    let buf = aligned(&bytes);
+    assert_eq!(
+        decode_record(as_bytes(&buf, bytes.len()), &limits).err(),
+        Some(RecordError::BadPlanEntry(both))
+    );
+}
