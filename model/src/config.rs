@@ -71,7 +71,7 @@ impl ModelConfig {
         if self.num_layers == 0 {
             return bad("num_layers must be positive".into());
         }
-        if self.num_layers > u16::MAX as usize {
+        if self.num_layers > protocol::PLAN_LAYER_MASK as usize + 1 {
             return bad(format!("num_layers {} is too large", self.num_layers));
         }
         if self.num_heads == 0 || self.num_kv_heads == 0 {
@@ -123,6 +123,41 @@ impl ModelConfig {
         let layer = attn + 3 * h * i + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_layers * layer + h + head
+    }
+
+    /// Parameters one decoded token reads through `unit` (its weights, norms and biases): the
+    /// decode cost [`crate::LayerPlan::cost_ratio`] counts.
+    pub fn unit_params(&self, unit: crate::plan::Unit) -> usize {
+        use crate::plan::Unit;
+        let (attn, mlp) = self.block_params();
+        match unit {
+            Unit::Layer(_) => attn + mlp,
+            Unit::Attn(_) => attn,
+            Unit::Mlp(_) => mlp,
+        }
+    }
+
+    /// Parameters of one layer's attention block and of its MLP block (each with its norm).
+    fn block_params(&self) -> (usize, usize) {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = h * self.num_heads * self.head_dim;
+        let kv = 2 * h * self.num_kv_heads * self.head_dim;
+        let bias = if self.architecture.qkv_bias() {
+            (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        } else {
+            0
+        };
+        (
+            h + q + kv + bias + self.num_heads * self.head_dim * h,
+            h + 3 * h * i,
+        )
+    }
+
+    /// Parameters the full model reads per decoded token: every layer, the final norm and the
+    /// output head (the embedding lookup reads one row and is not counted).
+    pub fn decode_params(&self) -> usize {
+        let (attn, mlp) = self.block_params();
+        self.num_layers * (attn + mlp) + self.hidden_size + self.vocab_size * self.hidden_size
     }
 
     /// Every parameter of the decoder, in the one canonical order: names (Hugging Face

@@ -9,6 +9,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::ops;
 use crate::plan::LayerPlan;
+use crate::quant::{Lin, WeightFormat};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -83,6 +84,11 @@ pub struct ForwardCtx {
     cache: Option<KvCache>,
     left_pad: Option<Vec<usize>>,
     layers_run: usize,
+    /// Start at this layer from this hidden state instead of the embeddings.
+    resume: Option<(usize, Tensor)>,
+    /// Keep the hidden state entering every layer (see [`ForwardCtx::record_layer_inputs`]).
+    record_inputs: bool,
+    inputs: Vec<Option<Tensor>>,
 }
 
 impl ForwardCtx {
@@ -94,6 +100,9 @@ impl ForwardCtx {
             cache: None,
             left_pad: None,
             layers_run: 0,
+            resume: None,
+            record_inputs: false,
+            inputs: Vec::new(),
         }
     }
 
@@ -120,6 +129,27 @@ impl ForwardCtx {
         self
     }
 
+    /// Starts the next forward pass at layer `layer` from `hidden`, the (b, s, hidden) state
+    /// entering that layer (e.g. recorded by an earlier pass whose plan agrees below `layer`).
+    /// The tokens passed to the forward call still give the shape and the padding; no cache.
+    pub(crate) fn resume_at(mut self, layer: usize, hidden: Tensor) -> Self {
+        self.resume = Some((layer, hidden));
+        self
+    }
+
+    /// Makes forward passes keep the hidden state entering each layer `0..L` (whether the plan
+    /// runs it or not), for [`ForwardCtx::take_layer_inputs`].
+    pub(crate) fn record_layer_inputs(mut self) -> Self {
+        self.record_inputs = true;
+        self
+    }
+
+    /// The recorded layer inputs of the last forward pass (index = layer; `None` below the
+    /// layer a resumed pass started at).
+    pub(crate) fn take_layer_inputs(&mut self) -> Vec<Option<Tensor>> {
+        std::mem::take(&mut self.inputs)
+    }
+
     /// The plan this context runs.
     pub fn plan(&self) -> &LayerPlan {
         &self.plan
@@ -133,6 +163,17 @@ impl ForwardCtx {
     /// How many decoder-layer forwards this context has run (summed over calls).
     pub fn layers_run(&self) -> usize {
         self.layers_run
+    }
+
+    /// The layers that hold keys and values in the cache (those whose attention block ran).
+    pub fn cached_layers(&self) -> Vec<usize> {
+        self.cache.as_ref().map_or_else(Vec::new, |c| {
+            c.layers
+                .iter()
+                .enumerate()
+                .filter_map(|(l, kv)| kv.as_ref().map(|_| l))
+                .collect()
+        })
     }
 
     /// Keeps only the given batch rows of the cache and padding.
@@ -211,16 +252,14 @@ fn silu_mul(gate: &Tensor, up: &Tensor, kernels: Kernels) -> Result<Tensor> {
 
 /// `x @ w^T (+ b)` over the last axis of x. The leading axes are folded into one so that the
 /// matmul is a plain 2-D GEMM (a broadcast batched matmul is several times slower on CPU).
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+fn linear(x: &Tensor, w: &Lin, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let (lead, k) = dims.split_at(dims.len() - 1);
     let rows: usize = lead.iter().product();
     let mut out_shape = lead.to_vec();
-    out_shape.push(w.dim(0)?);
-    let y = x
-        .contiguous()?
-        .reshape((rows, k[0]))?
-        .matmul(&w.t()?)?
+    out_shape.push(w.out_dim()?);
+    let y = w
+        .matmul_t(&x.contiguous()?.reshape((rows, k[0]))?)?
         .reshape(out_shape)?;
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
@@ -228,25 +267,25 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SelfAttn {
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
-    o_proj: Tensor,
+    q_proj: Lin,
+    k_proj: Lin,
+    v_proj: Lin,
+    o_proj: Lin,
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Tensor,
-    up_proj: Tensor,
-    down_proj: Tensor,
+    gate_proj: Lin,
+    up_proj: Lin,
+    down_proj: Lin,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Layer {
     input_layernorm: Tensor,
     self_attn: SelfAttn,
@@ -272,6 +311,10 @@ pub struct Decoder {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Option<Tensor>,
+    /// The output head re-quantized, in a decoder built by [`Decoder::quantized`].
+    head_q: Option<Lin>,
+    /// The storage of the linear layers' weights.
+    format: WeightFormat,
     rope_cos: Tensor,
     rope_sin: Tensor,
     params: Vec<(String, Tensor)>,
@@ -322,10 +365,10 @@ impl Decoder {
                 }
             };
             let self_attn = SelfAttn {
-                q_proj: get(format!("{p}.self_attn.q_proj.weight"))?,
-                k_proj: get(format!("{p}.self_attn.k_proj.weight"))?,
-                v_proj: get(format!("{p}.self_attn.v_proj.weight"))?,
-                o_proj: get(format!("{p}.self_attn.o_proj.weight"))?,
+                q_proj: Lin::Dense(get(format!("{p}.self_attn.q_proj.weight"))?),
+                k_proj: Lin::Dense(get(format!("{p}.self_attn.k_proj.weight"))?),
+                v_proj: Lin::Dense(get(format!("{p}.self_attn.v_proj.weight"))?),
+                o_proj: Lin::Dense(get(format!("{p}.self_attn.o_proj.weight"))?),
                 q_bias: opt_bias("q_proj")?,
                 k_bias: opt_bias("k_proj")?,
                 v_bias: opt_bias("v_proj")?,
@@ -335,9 +378,9 @@ impl Decoder {
                 self_attn,
                 post_attention_layernorm: get(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_proj: get(format!("{p}.mlp.gate_proj.weight"))?,
-                    up_proj: get(format!("{p}.mlp.up_proj.weight"))?,
-                    down_proj: get(format!("{p}.mlp.down_proj.weight"))?,
+                    gate_proj: Lin::Dense(get(format!("{p}.mlp.gate_proj.weight"))?),
+                    up_proj: Lin::Dense(get(format!("{p}.mlp.up_proj.weight"))?),
+                    down_proj: Lin::Dense(get(format!("{p}.mlp.down_proj.weight"))?),
                 },
             });
         }
@@ -356,6 +399,8 @@ impl Decoder {
             layers,
             norm,
             lm_head,
+            head_q: None,
+            format: WeightFormat::F32,
             rope_cos,
             rope_sin,
             params,
@@ -422,7 +467,54 @@ impl Decoder {
     /// # Shapes
     /// `hidden`: (…, hidden) → (…, vocab).
     pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear(hidden, self.head_weight(), None)
+        match &self.head_q {
+            Some(q) => linear(hidden, q, None),
+            None => linear(hidden, &Lin::Dense(self.head_weight().clone()), None),
+        }
+    }
+
+    /// The storage of the linear layers' weights ([`WeightFormat::F32`] unless built by
+    /// [`Decoder::quantized`]).
+    pub fn weight_format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// A read-only copy whose linear layers (attention and MLP projections and the output
+    /// head) run re-quantized from these weights in `format`: the 8-bit behavior of the
+    /// rollout path. Norms, biases and the embedding stay f32; the copy shares them. It has no
+    /// trainable variables, and its forward passes use the fused kernels only.
+    pub fn quantized(&self, format: WeightFormat) -> Result<Decoder> {
+        let mut layers = self.layers.clone();
+        for layer in &mut layers {
+            let a = &mut layer.self_attn;
+            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                *lin = lin.quantize(format)?;
+            }
+            let m = &mut layer.mlp;
+            for lin in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+                *lin = lin.quantize(format)?;
+            }
+        }
+        let head_q = if format.is_quantized() {
+            Some(Lin::Dense(self.head_weight().clone()).quantize(format)?)
+        } else {
+            None
+        };
+        Ok(Decoder {
+            cfg: self.cfg.clone(),
+            embed_tokens: self.embed_tokens.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            head_q,
+            format,
+            rope_cos: self.rope_cos.clone(),
+            rope_sin: self.rope_sin.clone(),
+            params: self.params.clone(),
+            vars: Vec::new(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+        })
     }
 
     /// Final (normed) hidden states for every position, running only the plan's layers.
@@ -471,17 +563,40 @@ impl Decoder {
             kernels: ctx.kernels,
         };
 
-        let mut x = self
-            .embed_tokens
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
+        let (from, mut x) = match ctx.resume.take() {
+            Some((from, x)) => {
+                if ctx.cache.is_some() || x.dims() != [b, s, self.cfg.hidden_size] {
+                    return Err(ModelError::InvalidInput(
+                        "a resumed forward pass takes a (b, s, hidden) state and no cache".into(),
+                    ));
+                }
+                (from, x)
+            }
+            None => (
+                0,
+                self.embed_tokens
+                    .index_select(&tokens.flatten_all()?, 0)?
+                    .reshape((b, s, self.cfg.hidden_size))?,
+            ),
+        };
         let plan = ctx.plan.layers().to_vec();
-        for &l in &plan {
+        if ctx.record_inputs {
+            ctx.inputs = vec![None; self.cfg.num_layers];
+        }
+        for l in from..self.cfg.num_layers {
+            if ctx.record_inputs {
+                ctx.inputs[l] = Some(x.clone());
+            }
+            if plan.binary_search(&l).is_err() {
+                continue;
+            }
+            let (attn, mlp) = (ctx.plan.runs_attn(l), ctx.plan.runs_mlp(l));
+            // A layer whose attention block is skipped needs no keys or values.
             let kv = match &mut ctx.cache {
-                Some(cache) => Some(self.layer_cache(cache, l, b)?),
-                None => None,
+                Some(cache) if attn => Some(self.layer_cache(cache, l, b)?),
+                _ => None,
             };
-            x = self.layer_forward(&self.layers[l], &x, &step, kv)?;
+            x = self.layer_forward(&self.layers[l], &x, &step, kv, attn, mlp)?;
             if ctx.kernels == Kernels::Fused {
                 // The rollout path never back-propagates: cut the graph at layer boundaries.
                 x = x.detach();
@@ -575,23 +690,33 @@ impl Decoder {
         Ok(Some(mask))
     }
 
+    /// One decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`; a skipped block is the
+    /// identity (its residual branch is left out).
     fn layer_forward(
         &self,
         layer: &Layer,
         x: &Tensor,
         step: &Step,
         kv: Option<&(Tensor, Tensor)>,
+        run_attn: bool,
+        run_mlp: bool,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
-        let h = rms_norm(x, &layer.input_layernorm, eps, step.kernels)?;
-        let h = self.attention(&layer.self_attn, &h, step, kv)?;
-        let x = (x + h)?;
-        let h = rms_norm(&x, &layer.post_attention_layernorm, eps, step.kernels)?;
-        let m = &layer.mlp;
-        let gate = linear(&h, &m.gate_proj, None)?;
-        let up = linear(&h, &m.up_proj, None)?;
-        let h = linear(&silu_mul(&gate, &up, step.kernels)?, &m.down_proj, None)?;
-        Ok((x + h)?)
+        let mut x = x.clone();
+        if run_attn {
+            let h = rms_norm(&x, &layer.input_layernorm, eps, step.kernels)?;
+            let h = self.attention(&layer.self_attn, &h, step, kv)?;
+            x = (x + h)?;
+        }
+        if run_mlp {
+            let h = rms_norm(&x, &layer.post_attention_layernorm, eps, step.kernels)?;
+            let m = &layer.mlp;
+            let gate = linear(&h, &m.gate_proj, None)?;
+            let up = linear(&h, &m.up_proj, None)?;
+            let h = linear(&silu_mul(&gate, &up, step.kernels)?, &m.down_proj, None)?;
+            x = (x + h)?;
+        }
+        Ok(x)
     }
 
     /// Grouped-query attention without materialising repeated keys: the query heads that share

@@ -68,6 +68,19 @@ pub enum ModelError {
         /// The model's maximum.
         max: usize,
     },
+    /// A calibration profile was measured on another model.
+    #[error(
+        "the calibration profile {path} is for model {profile}, not this model ({model}): run \
+         `nested-reft calibrate` for this model"
+    )]
+    ProfileMismatch {
+        /// The profile file.
+        path: String,
+        /// The model hash in the profile.
+        profile: String,
+        /// The model hash of the loaded model.
+        model: String,
+    },
     /// A layer plan is not valid for this model.
     #[error("invalid layer plan: {0}")]
     InvalidPlan(String),

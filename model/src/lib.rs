@@ -8,6 +8,7 @@
 //! - [`load_model`] reads a GGUF file or a Hugging Face directory.
 
 mod bridge;
+pub mod calibrate;
 mod config;
 mod decoder;
 mod error;
@@ -16,11 +17,13 @@ mod loading;
 mod logprobs;
 pub mod ops;
 mod plan;
+mod quant;
 mod sampling;
 mod tokenizer;
 mod weights;
 
 pub use bridge::WeightBridge;
+pub use calibrate::{Profile, SkipSet};
 pub use config::{Architecture, HfConfig, ModelConfig, ParamSpec};
 pub use decoder::{Decoder, ForwardCtx, Kernels, KvCache};
 pub use error::{ModelError, Result};
@@ -31,7 +34,11 @@ pub use loading::{
     load_gguf, load_hf_dir, load_model, save_pretrained, unpermute_qk, LoadOptions, LoadedModel,
 };
 pub use logprobs::{completion_logprobs, CompletionLogProbs, ScoreRequest};
-pub use plan::{LayerPlan, PlanSampler, PlanSpec, PlanStrategy, SkipRatio};
+pub use plan::{
+    AdaptiveConfig, AdaptivePolicy, LayerPlan, PlanSampler, PlanSpec, PlanStrategy, SkipRatio,
+    Unit, CALIBRATED_WINDOW,
+};
+pub use quant::WeightFormat;
 pub use sampling::{stream_seed, Sampler, Sampling};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::Weights;

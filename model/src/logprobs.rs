@@ -110,6 +110,13 @@ pub fn completion_logprobs(
     let hidden = hidden.index_select(&Tensor::from_vec(pick, b * t_max, device)?, 0)?;
     let targets = Tensor::from_vec(targets, b * t_max, device)?;
     let picked = match kernels {
+        // A re-quantized head: the logits the behavior sampled from, through its own head.
+        _ if model.weight_format().is_quantized() => {
+            let logits = (model.project(&hidden)? / temperature)?;
+            let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+            logp.gather(&targets.unsqueeze(1)?.contiguous()?, 1)?
+                .squeeze(1)?
+        }
         // Row chunks of logits only: the (rows × vocab) matrix is never held whole.
         Kernels::Fused | Kernels::Differentiable => {
             ops::head_logprobs(&hidden, model.head_weight(), &targets, temperature)?

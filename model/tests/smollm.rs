@@ -553,3 +553,54 @@ fn weight_bridge_round_trips_the_real_weights_exactly() {
     assert!(bridge.write(&m.decoder, &mut slot[1..]).is_err());
     assert!(bridge.read(&slot[1..], &Device::Cpu).is_err());
 }
+
+#[test]
+fn q8_behavior_logprobs_stay_within_a_tenth_of_a_nat_of_f32() {
+    // The 8-bit behavior scores a GSM8K-style solution within 0.1 nats per token of f32 on
+    // average (measured: about 0.05; DESIGN §3), and its per-token KL is far smaller than a
+    // single well-chosen skipped layer's (about 0.2 nats, DESIGN §3).
+    let m = smollm();
+    let q = m.decoder.quantized(WeightFormat::Q8_0).unwrap();
+    let prompt = prompt_ids();
+    let completion = m
+        .tokenizer
+        .encode(
+            "17 * 23 = 17 * 20 + 17 * 3 = 340 + 51 = 391. The answer is 391.",
+            false,
+        )
+        .unwrap();
+    let req = [ScoreRequest {
+        prompt: &prompt,
+        completion: &completion,
+    }];
+    let score = |d: &Decoder| {
+        completion_logprobs(d, &req, &full(m), 1.0, Kernels::Fused)
+            .unwrap()
+            .to_vecs()
+            .unwrap()
+            .remove(0)
+    };
+    let (f, g) = (score(&m.decoder), score(&q));
+    let mean_abs: f32 = f.iter().zip(&g).map(|(a, b)| (a - b).abs()).sum::<f32>() / f.len() as f32;
+    assert!(
+        mean_abs > 0.0 && mean_abs < 0.1,
+        "mean |Δ log-prob| {mean_abs}"
+    );
+    let seq = [model::calibrate::CalibrationSequence {
+        prompt: prompt.clone(),
+        completion: completion.clone(),
+    }];
+    let mut probe = model::calibrate::KlProbe::new(&m.decoder, &seq, 1).unwrap();
+    let kl_q8 = probe.kl_of(&q, &full(m)).unwrap();
+    let kl_skip = probe
+        .kl(&LayerPlan::skipping(&[25], 30).unwrap(), false)
+        .unwrap();
+    assert!(
+        kl_q8 > 0.0 && kl_q8 < 0.02,
+        "KL of the 8-bit behavior {kl_q8}"
+    );
+    assert!(
+        kl_q8 < kl_skip / 4.0,
+        "q8 {kl_q8} vs skipping layer 25 {kl_skip}"
+    );
+}
