@@ -3,6 +3,7 @@
 
 use crate::config::{AdvantageConfig, UpdateConfig};
 use crate::error::{LearnerError, Result};
+use model::LayerPlan;
 use protocol::RolloutRecord;
 
 /// One completion ready for the update.
@@ -49,6 +50,13 @@ pub struct PreparedBatch {
     pub reward_std: f64,
     /// Fraction of completions whose reward reaches the configured threshold.
     pub accuracy: f64,
+    /// The layer plan the behavior sampled this batch with, decoded from the first record
+    /// (a rollout batch is generated under one plan; should the records disagree, the first
+    /// one's plan is used, as the consistency term only needs a plan drawn like the
+    /// behavior's). `None` when the records carry no plan, or when the consistency term is
+    /// off and the plan does not decode for this model. The consistency term
+    /// ([`crate::UpdateConfig::consistency_beta`]) trains π_θ under this plan.
+    pub behavior_plan: Option<LayerPlan>,
 }
 
 impl PreparedBatch {
@@ -108,14 +116,44 @@ fn check_record(r: &RolloutRecord, cfg: &UpdateConfig) -> Result<()> {
     Ok(())
 }
 
+/// The behavior plan of a batch: the first record's (see [`PreparedBatch::behavior_plan`]).
+/// A plan that does not decode is an error only when the consistency term needs it.
+fn batch_plan(
+    groups: &[Vec<RolloutRecord>],
+    cfg: &UpdateConfig,
+    num_layers: usize,
+) -> Result<Option<LayerPlan>> {
+    let Some(first) = groups.iter().flatten().next() else {
+        return Ok(None);
+    };
+    if first.plan.is_empty() {
+        return Ok(None);
+    }
+    match LayerPlan::from_record(&first.plan, num_layers) {
+        Ok(plan) => Ok(Some(plan)),
+        Err(e) if cfg.consistency_beta > 0.0 => Err(LearnerError::InvalidBatch(format!(
+            "record of group {} carries a layer plan {:?} that does not fit this \
+             {num_layers}-layer model: {e}",
+            first.group_id, first.plan
+        ))),
+        Err(_) => Ok(None),
+    }
+}
+
 /// Checks the groups (each the G completions of one prompt), computes reward statistics and
-/// group-relative advantages, and keeps the sequences worth training on.
-pub fn prepare_batch(groups: &[Vec<RolloutRecord>], cfg: &UpdateConfig) -> Result<PreparedBatch> {
+/// group-relative advantages, and keeps the sequences worth training on. `num_layers` is the
+/// depth of the model trained on the batch, to decode the records' behavior plan.
+pub fn prepare_batch(
+    groups: &[Vec<RolloutRecord>],
+    cfg: &UpdateConfig,
+    num_layers: usize,
+) -> Result<PreparedBatch> {
     if groups.is_empty() {
         return Err(LearnerError::InvalidBatch("no groups".into()));
     }
     let mut out = PreparedBatch {
         groups: groups.len(),
+        behavior_plan: batch_plan(groups, cfg, num_layers)?,
         ..PreparedBatch::default()
     };
     let mut all = Vec::new();
@@ -229,13 +267,43 @@ pub(crate) mod tests {
             vec![record(0, 1.0, vec![5, 6]), record(0, 1.0, vec![7])],
             vec![record(1, 0.0, vec![5]), record(1, 1.0, vec![6, 6, 6])],
         ];
-        let b = prepare_batch(&groups, &cfg).unwrap();
+        let b = prepare_batch(&groups, &cfg, 2).unwrap();
         assert_eq!(b.groups, 2);
         assert_eq!(b.uniform_groups, 1);
         assert_eq!(b.sequences.len(), 2);
         assert_eq!(b.completion_tokens(), 4);
         assert_eq!(b.accuracy, 0.75);
         assert_eq!(b.reward_mean, 0.75);
+        assert_eq!(b.behavior_plan, Some(LayerPlan::full(2)));
+    }
+
+    #[test]
+    fn behavior_plan_comes_from_the_records() {
+        let off = UpdateConfig::default();
+        let on = UpdateConfig {
+            consistency_beta: 0.1,
+            ..UpdateConfig::default()
+        };
+        let with_plan = |plan: Vec<u16>| {
+            let mut a = record(0, 1.0, vec![5]);
+            let mut b = record(0, 0.0, vec![6]);
+            a.plan = plan.clone();
+            b.plan = plan;
+            vec![vec![a, b]]
+        };
+        let b = prepare_batch(&with_plan(vec![0, 2, 3]), &on, 4).unwrap();
+        assert_eq!(b.behavior_plan, Some(LayerPlan::skipping(&[1], 4).unwrap()));
+        assert_eq!(b.sequences.len(), 2);
+        // No plan in the records: none in the batch, whether the term is on or off.
+        for cfg in [&off, &on] {
+            let b = prepare_batch(&with_plan(Vec::new()), cfg, 4).unwrap();
+            assert_eq!(b.behavior_plan, None);
+        }
+        // A plan for another model: an error only when the consistency term needs it.
+        let b = prepare_batch(&with_plan(vec![0, 7]), &off, 4).unwrap();
+        assert_eq!(b.behavior_plan, None);
+        let err = prepare_batch(&with_plan(vec![0, 7]), &on, 4).unwrap_err();
+        assert!(err.to_string().contains("layer plan"), "{err}");
     }
 
     #[test]
@@ -243,21 +311,22 @@ pub(crate) mod tests {
         let cfg = UpdateConfig::default();
         let mut r = record(0, 1.0, vec![5, 6]);
         r.logprobs.pop();
-        let err = prepare_batch(&[vec![r, record(0, 0.0, vec![1])]], &cfg).unwrap_err();
+        let err = prepare_batch(&[vec![r, record(0, 0.0, vec![1])]], &cfg, 2).unwrap_err();
         assert!(err.to_string().contains("behavior log-probs"), "{err}");
         let mut hot = record(0, 1.0, vec![5]);
         hot.sampling.temperature = 0.7;
-        let err = prepare_batch(&[vec![hot]], &cfg).unwrap_err();
+        let err = prepare_batch(&[vec![hot]], &cfg, 2).unwrap_err();
         assert!(err.to_string().contains("temperature"), "{err}");
         let err = prepare_batch(
             &[vec![record(0, 1.0, vec![5]), record(1, 0.0, vec![5])]],
             &cfg,
+            2,
         )
         .unwrap_err();
         assert!(
             err.to_string().contains("contains a record of group 1"),
             "{err}"
         );
-        assert!(prepare_batch(&[], &cfg).is_err());
+        assert!(prepare_batch(&[], &cfg, 2).is_err());
     }
 }

@@ -189,6 +189,13 @@ pub struct UpdateConfig {
     pub clip_eps: f64,
     /// Coefficient β of the k3 KL to a frozen reference model (0 disables it).
     pub kl_coef: f64,
+    /// Coefficient β of the nested consistency term β · KL(sg(π_full) ‖ π_nested) over the
+    /// completion tokens (0 disables it). π_nested is the same model under the batch's behavior
+    /// plan ([`crate::PreparedBatch::behavior_plan`]); the term keeps the nested sub-network
+    /// close to the full model, as layer dropout does for early-exit models. It costs one
+    /// full-depth forward (no backward) and one nested forward + backward per micro-batch, and
+    /// nothing when the batch's plan is full or unknown.
+    pub consistency_beta: f64,
     /// Temperature the behavior sampled with: the target's log-probs use the same one.
     pub temperature: f64,
     /// Tokens (prompt + completion, padded) per micro-batch: bounds the activation memory.
@@ -211,6 +218,7 @@ impl Default for UpdateConfig {
             epochs: 1,
             clip_eps: 0.2,
             kl_coef: 0.0,
+            consistency_beta: 0.0,
             temperature: 1.0,
             micro_batch_tokens: 2048,
             correct_threshold: 1.0,
@@ -267,6 +275,7 @@ impl UpdateConfig {
             )));
         }
         non_negative("kl_coef", self.kl_coef)?;
+        non_negative("consistency_beta", self.consistency_beta)?;
         positive("temperature", self.temperature)?;
         if self.micro_batch_tokens == 0 {
             return Err(LearnerError::InvalidConfig(
@@ -366,6 +375,20 @@ mod tests {
             ),
             (
                 UpdateConfig {
+                    consistency_beta: -0.1,
+                    ..Default::default()
+                },
+                "consistency_beta",
+            ),
+            (
+                UpdateConfig {
+                    consistency_beta: f64::INFINITY,
+                    ..Default::default()
+                },
+                "consistency_beta",
+            ),
+            (
+                UpdateConfig {
                     micro_batch_tokens: 0,
                     ..Default::default()
                 },
@@ -401,6 +424,12 @@ mod tests {
         );
         let c: UpdateConfig = toml_like(r#"{"correction": {"kind": "seq-is"}}"#);
         assert_eq!(c.correction, Correction::SeqIs);
+        assert_eq!(
+            c.consistency_beta, 0.0,
+            "the consistency term is off by default"
+        );
+        let c: UpdateConfig = toml_like(r#"{"consistency_beta": 0.25}"#);
+        assert_eq!(c.consistency_beta, 0.25);
     }
 
     fn toml_like(s: &str) -> UpdateConfig {

@@ -12,6 +12,10 @@
 //!   resume from.
 //! - The loss is `−Σ c · log π_θ(y_t)` with a stop-gradient coefficient per token
 //!   ([`token_loss`]), so the gradient does not depend on the micro-batch size.
+//! - Optional nested consistency term (`consistency_beta` in [`UpdateConfig`], off by
+//!   default): β · KL(sg(π_full) ‖ π_nested) per completion token, averaged by the
+//!   [`Normalizer`], with π_nested the same weights under the batch's behavior plan
+//!   ([`PreparedBatch::behavior_plan`]); its mean KL is [`StepStats::consistency_kl`].
 
 mod assembly;
 mod batch;

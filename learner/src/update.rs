@@ -1,14 +1,14 @@
 //! One optimizer step: batch → full-depth target log-probs (micro-batches) → corrections →
-//! loss → backward (accumulated) → clip → AdamW.
+//! loss → backward (accumulated) → [nested consistency term] → clip → AdamW.
 
 use crate::batch::{prepare_batch, PreparedBatch, TrainSequence};
 use crate::config::{Normalizer, UpdateConfig};
 use crate::correction::{sequence_weights, token_loss, SequenceWeights, TokenTerms};
 use crate::error::{LearnerError, Result};
 use crate::optim::AdamW;
-use candle_core::{backprop::GradStore, Tensor};
+use candle_core::{backprop::GradStore, DType, Tensor, Var, D};
 use candle_nn::ParamsAdamW;
-use model::{completion_logprobs, Decoder, Kernels, LayerPlan, ScoreRequest};
+use model::{completion_logprobs, Decoder, ForwardCtx, Kernels, LayerPlan, ScoreRequest};
 use protocol::RolloutRecord;
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -20,12 +20,20 @@ pub struct StepStats {
     pub version: u64,
     /// Learning rate of this step.
     pub lr: f64,
-    /// Loss of the first epoch (policy gradient plus KL), as minimised.
+    /// Loss of the first epoch (policy gradient plus KL plus consistency), as minimised.
     pub loss: f64,
     /// Its policy-gradient part.
     pub pg_loss: f64,
     /// Its KL-to-reference part (β·mean k3), 0 without a reference.
     pub kl_ref: f64,
+    /// Its nested-consistency part: `consistency_beta` × KL(sg(π_full) ‖ π_nested) averaged
+    /// with the loss normaliser; 0 when the term is off or the batch's plan is full or unknown.
+    pub consistency_loss: f64,
+    /// Mean per-token KL(π_full ‖ π_nested) over the completion tokens (plain token mean,
+    /// whatever the normaliser) under the batch's behavior plan, measured in the first epoch.
+    /// Measured only when the term is on (`consistency_beta > 0`) and the batch has a plan:
+    /// exactly 0 for a full plan (nothing is computed); `None` (null in the metrics) otherwise.
+    pub consistency_kl: Option<f64>,
     /// Mean reward over every completion.
     pub reward_mean: f64,
     /// Standard deviation of the reward.
@@ -80,6 +88,11 @@ pub struct BatchGradient {
     pub pg_loss: f64,
     /// Its KL part.
     pub kl_loss: f64,
+    /// Its nested-consistency part (β × normalised KL(sg(π_full) ‖ π_nested)).
+    pub consistency_loss: f64,
+    /// Mean per-token KL(π_full ‖ π_nested) of the consistency term (see
+    /// [`StepStats::consistency_kl`]).
+    pub consistency_kl: Option<f64>,
     /// Tokens the PPO clip removed.
     pub clipped_tokens: usize,
     /// Micro-batches the batch was split into.
@@ -193,7 +206,7 @@ impl Learner {
 
     /// One update from complete groups (each the G completions of one prompt).
     pub fn step(&mut self, groups: &[Vec<RolloutRecord>]) -> Result<StepStats> {
-        let batch = prepare_batch(groups, &self.cfg)?;
+        let batch = prepare_batch(groups, &self.cfg, self.model.config().num_layers)?;
         self.step_prepared(&batch)
     }
 
@@ -226,6 +239,8 @@ impl Learner {
                 stats.loss = grad.loss;
                 stats.pg_loss = grad.pg_loss;
                 stats.kl_ref = grad.kl_loss;
+                stats.consistency_loss = grad.consistency_loss;
+                stats.consistency_kl = grad.consistency_kl;
                 fill_ratio_stats(&mut stats, batch, &cache);
                 stats.micro_batches = grad.micro_batches;
             } else {
@@ -338,6 +353,8 @@ impl Learner {
             loss: 0.0,
             pg_loss: 0.0,
             kl_loss: 0.0,
+            consistency_loss: 0.0,
+            consistency_kl: None,
             clipped_tokens: 0,
             micro_batches: 0,
         };
@@ -391,10 +408,7 @@ impl Learner {
             let mut coef = vec![0f64; micro.len() * t_max];
             for (k, &i) in micro.iter().enumerate() {
                 let s = &batch.sequences[i];
-                let inv_norm = match self.cfg.normalizer {
-                    Normalizer::TokenMean => 1.0 / total_tokens,
-                    Normalizer::SequenceMean => 1.0 / (s.completion.len() * n) as f64,
-                };
+                let inv_norm = self.inv_norm(s, n, total_tokens);
                 for t in 0..s.completion.len() {
                     let l = token_loss(
                         &TokenTerms {
@@ -424,17 +438,189 @@ impl Learner {
                 .to_dtype(lp.values.dtype())?;
             let loss = (lp.values * coef)?.sum_all()?.neg()?;
             let grads = loss.backward()?;
-            for ((_, var), acc) in self.model.vars().iter().zip(out.grads.iter_mut()) {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
+            self.accumulate(&mut out.grads, &grads)?;
         }
         out.loss = out.pg_loss + out.kl_loss;
+        if let Some(plan) = self.consistency_plan(batch)? {
+            if plan.is_full() {
+                // KL(π‖π) = 0: nothing to compute.
+                out.consistency_kl = Some(0.0);
+            } else {
+                self.consistency(batch, plan, &mut out)?;
+                out.loss += out.consistency_loss;
+            }
+        }
         Ok(out)
+    }
+
+    /// Adds the gradients `grads` holds for the model's parameters to `acc`.
+    fn accumulate(&self, acc: &mut [Option<Tensor>], grads: &GradStore) -> Result<()> {
+        for ((_, var), acc) in self.model.vars().iter().zip(acc.iter_mut()) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The plan of the consistency term, when it is on and the batch has one.
+    fn consistency_plan<'a>(&self, batch: &'a PreparedBatch) -> Result<Option<&'a LayerPlan>> {
+        if self.cfg.consistency_beta == 0.0 {
+            return Ok(None);
+        }
+        let Some(plan) = &batch.behavior_plan else {
+            return Ok(None);
+        };
+        plan.check_for(self.model.config().num_layers)?;
+        Ok(Some(plan))
+    }
+
+    /// The nested consistency term β · Σ_t w_t · KL(sg(π_full) ‖ π_nested)(t) over every
+    /// completion position t, w_t the normaliser's weight of the token (as in the policy
+    /// gradient): its gradient is added to `out.grads`, its value to `out.consistency_loss`,
+    /// and the plain token mean of the KL goes to `out.consistency_kl`.
+    ///
+    /// Per micro-batch: one full-depth forward (its hidden states detached: the stop-gradient
+    /// target) and one forward + backward under `plan`. The output head and the log-softmax
+    /// run in chunks of [`CONSISTENCY_CHUNK_ROWS`] positions, each back-propagated to its own
+    /// leaf copy of the nested hidden states, so the (positions × vocab) matrices are never
+    /// held whole; the summed hidden-state gradient then goes through the decoder in one
+    /// backward pass.
+    fn consistency(
+        &self,
+        batch: &PreparedBatch,
+        plan: &LayerPlan,
+        out: &mut BatchGradient,
+    ) -> Result<()> {
+        let n = batch.sequences.len();
+        let total_tokens = batch.completion_tokens() as f64;
+        let beta = self.cfg.consistency_beta;
+        let full = LayerPlan::full(self.model.config().num_layers);
+        let device = self.model.device();
+        let dtype = self.model.dtype();
+        let (mut loss_sum, mut kl_sum) = (0f64, 0f64);
+        for micro in self.micro_batches(batch) {
+            let seqs: Vec<&TrainSequence> = micro.iter().map(|&i| &batch.sequences[i]).collect();
+            let rows = CompletionRows::new(&seqs, device)?;
+            if rows.len == 0 {
+                continue;
+            }
+            let weights: Vec<f64> = seqs
+                .iter()
+                .flat_map(|s| {
+                    let w = self.inv_norm(s, n, total_tokens);
+                    std::iter::repeat_n(w, s.completion.len())
+                })
+                .collect();
+            let h_full = rows.hidden(&self.model, &full)?.detach();
+            let h_nested = rows.hidden(&self.model, plan)?;
+            let h_nested_leaf = h_nested.detach();
+            let mut grad_h = Vec::new();
+            let mut start = 0;
+            while start < rows.len {
+                let len = CONSISTENCY_CHUNK_ROWS.min(rows.len - start);
+                let log_full = self.log_softmax(&h_full.narrow(0, start, len)?)?.detach();
+                let leaf = Var::from_tensor(&h_nested_leaf.narrow(0, start, len)?)?;
+                let log_nested = self.log_softmax(leaf.as_tensor())?;
+                // KL(p‖q) = Σ_v p(v)·(log p(v) − log q(v)) per position, p = π_full detached.
+                let kl = (log_full.exp()? * (&log_full - &log_nested)?)?.sum(D::Minus1)?;
+                let w = Tensor::from_slice(&weights[start..start + len], len, device)?
+                    .to_dtype(dtype)?;
+                let loss = ((kl.clone() * w)?.sum_all()? * beta)?;
+                loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                kl_sum += kl.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let grads = loss.backward()?;
+                // The head's own gradient (the hidden states' goes through the decoder below).
+                self.accumulate(&mut out.grads, &grads)?;
+                grad_h.push(match grads.get(leaf.as_tensor()) {
+                    Some(g) => g.clone(),
+                    None => leaf.as_tensor().zeros_like()?,
+                });
+                start += len;
+            }
+            // Σ h·sg(∂L/∂h) has the gradient ∂L/∂h·∂h/∂θ: the chain rule through the decoder.
+            let grad_h = Tensor::cat(&grad_h, 0)?;
+            let surrogate = (h_nested * grad_h)?.sum_all()?;
+            let grads = surrogate.backward()?;
+            self.accumulate(&mut out.grads, &grads)?;
+        }
+        out.consistency_loss = loss_sum;
+        out.consistency_kl = Some(kl_sum / total_tokens.max(1.0));
+        Ok(())
+    }
+
+    /// log softmax(h·Wᵀ / T) over the vocabulary, W the model's output head.
+    ///
+    /// # Shapes
+    /// `hidden`: (n, hidden) → (n, vocab).
+    fn log_softmax(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = self.model.project(hidden)?;
+        let t = self.cfg.temperature;
+        let logits = if t == 1.0 { logits } else { (logits / t)? };
+        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+    }
+
+    /// The normaliser's weight of each token of `s`, in a batch of `n` sequences and
+    /// `total_tokens` completion tokens.
+    fn inv_norm(&self, s: &TrainSequence, n: usize, total_tokens: f64) -> f64 {
+        match self.cfg.normalizer {
+            Normalizer::TokenMean => 1.0 / total_tokens,
+            Normalizer::SequenceMean => 1.0 / (s.completion.len() * n) as f64,
+        }
+    }
+}
+
+/// Positions of the consistency term's head per chunk: bounds its (rows × vocab) memory.
+const CONSISTENCY_CHUNK_ROWS: usize = 128;
+
+/// The sequences of one micro-batch, right-padded, and the positions whose hidden states
+/// predict their completion tokens.
+struct CompletionRows {
+    /// (b, s) token ids.
+    tokens: Tensor,
+    /// Flat (b·s) indices of the predicting positions, sequence by sequence.
+    pick: Tensor,
+    /// Completion tokens in all (rows of [`CompletionRows::hidden`]).
+    len: usize,
+}
+
+impl CompletionRows {
+    fn new(seqs: &[&TrainSequence], device: &candle_core::Device) -> Result<Self> {
+        let seq_len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut tokens = vec![0u32; seqs.len() * seq_len];
+        let mut pick = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let Some(last_prompt) = s.prompt.len().checked_sub(1) else {
+                return Err(LearnerError::InvalidBatch(
+                    "a sequence has an empty prompt".into(),
+                ));
+            };
+            let row = &mut tokens[i * seq_len..(i + 1) * seq_len];
+            row[..s.prompt.len()].copy_from_slice(&s.prompt);
+            row[s.prompt.len()..s.len()].copy_from_slice(&s.completion);
+            // The hidden state at position p predicts token p + 1.
+            pick.extend((0..s.completion.len()).map(|t| (i * seq_len + last_prompt + t) as u32));
+        }
+        let len = pick.len();
+        Ok(Self {
+            tokens: Tensor::from_vec(tokens, (seqs.len(), seq_len), device)?,
+            pick: Tensor::from_vec(pick, len, device)?,
+            len,
+        })
+    }
+
+    /// Final hidden states at the predicting positions under `plan` (differentiable kernels).
+    ///
+    /// # Shapes
+    /// → (len, hidden).
+    fn hidden(&self, model: &Decoder, plan: &LayerPlan) -> Result<Tensor> {
+        let mut ctx = ForwardCtx::new(plan.clone()).with_kernels(Kernels::Differentiable);
+        let h = model.forward_hidden(&self.tokens, &mut ctx)?;
+        let (b, s, d) = h.dims3()?;
+        Ok(h.reshape((b * s, d))?.index_select(&self.pick, 0)?)
     }
 }
 
