@@ -6,8 +6,8 @@
 
 use crate::dataset::{CursorState, DataCursor, Dataset, Problem};
 use model::{
-    generate, stream_seed, ChatMessage, Decoder, FinishReason as ModelFinish, GenerationConfig,
-    LayerPlan, PlanSampler, PlanSpec, Sampling, Tokenizer,
+    generate, stream_seed, AdaptivePolicy, ChatMessage, Decoder, FinishReason as ModelFinish,
+    GenerationConfig, LayerPlan, PlanSampler, PlanSpec, Sampling, Tokenizer,
 };
 use protocol::{FinishReason, Rewards, RolloutRecord, Timings};
 use rewards::{Reward, Sample};
@@ -141,13 +141,17 @@ pub struct RolloutBatch {
 }
 
 /// Where a generator stands: enough to continue after a restart without repeating a prompt
-/// within an epoch. Plans and sampling streams derive from (seed, batch id), so this is all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// within an epoch. Plans and sampling streams derive from (seed, batch id), so this is all,
+/// except for the adaptive strategy, whose state follows the learner's measurements.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GeneratorState {
     /// The id the next batch gets.
     pub next_batch_id: u64,
     /// The dataset cursor.
     pub cursor: CursorState,
+    /// The adaptive plan policy (its KL estimates and the set in use), when it is the strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptivePolicy>,
 }
 
 /// Stream index of the per-batch plan draw (sampling uses the batch's other streams).
@@ -163,6 +167,9 @@ pub struct Generator {
     reward: Box<dyn Reward>,
     tokenizer: Tokenizer,
     next_batch_id: u64,
+    adaptive: Option<AdaptivePolicy>,
+    /// The adaptive set each recent batch was generated with, to credit the learner's KL.
+    recent_sets: std::collections::VecDeque<(u64, usize)>,
 }
 
 impl std::fmt::Debug for Generator {
@@ -188,6 +195,12 @@ impl Generator {
         // Validates the spec against the model's depth once, up front.
         PlanSampler::new(plan.clone(), num_layers, cfg.seed)?;
         let cursor = DataCursor::for_dataset(&dataset, cfg.seed);
+        let adaptive = match &plan {
+            PlanSpec::Adaptive { config, profile } => {
+                Some(AdaptivePolicy::new(config.clone(), profile.clone())?)
+            }
+            _ => None,
+        };
         Ok(Self {
             cfg,
             dataset,
@@ -197,6 +210,8 @@ impl Generator {
             reward,
             tokenizer,
             next_batch_id: 0,
+            adaptive,
+            recent_sets: Default::default(),
         })
     }
 
@@ -220,7 +235,22 @@ impl Generator {
         GeneratorState {
             next_batch_id: self.next_batch_id,
             cursor: self.cursor.state(),
+            adaptive: self.adaptive.clone(),
         }
+    }
+
+    /// The adaptive policy, when the plan strategy is adaptive.
+    pub fn adaptive(&self) -> Option<&AdaptivePolicy> {
+        self.adaptive.as_ref()
+    }
+
+    /// Takes the learner's KL(μ‖π) estimate for batch `batch_id` (the adaptive strategy steers
+    /// by it; other strategies ignore it). Returns the adaptive set index now in use when the
+    /// report moved it.
+    pub fn observe_kl(&mut self, batch_id: u64, kl: f64) -> Option<usize> {
+        let policy = self.adaptive.as_mut()?;
+        let &(_, set) = self.recent_sets.iter().find(|(b, _)| *b == batch_id)?;
+        policy.observe(set, kl).then(|| policy.current())
     }
 
     /// Continues from a saved state; refused when the cursor does not fit this dataset.
@@ -234,12 +264,18 @@ impl Generator {
         }
         self.cursor = DataCursor::restore(state.cursor)?;
         self.next_batch_id = state.next_batch_id;
+        if let (Some(saved), PlanSpec::Adaptive { profile, .. }) = (state.adaptive, &self.plan) {
+            self.adaptive = Some(saved.with_profile(profile.clone())?);
+        }
         Ok(())
     }
 
     /// The plan of batch `batch_id`: a pure function of the seed and the id, so a restarted
-    /// server draws the same plans.
+    /// server draws the same plans (the adaptive strategy: the set its policy has in use).
     pub fn plan_for(&self, batch_id: u64) -> Result<LayerPlan, GeneratorError> {
+        if let Some(policy) = &self.adaptive {
+            return Ok(policy.plan_of(policy.set_for_batch(batch_id))?);
+        }
         let seed = stream_seed(self.cfg.seed, batch_id, PLAN_STREAM);
         Ok(PlanSampler::new(self.plan.clone(), self.num_layers, seed)?.next_plan()?)
     }
@@ -310,7 +346,7 @@ impl Generator {
 
         let n = out.completions.len().max(1);
         let g = self.cfg.group_size;
-        let plan_u16: Vec<u16> = plan.layers().iter().map(|&l| l as u16).collect();
+        let plan_u16 = plan.to_record();
         let mut stats = GenerationStats {
             completions: out.completions.len(),
             tokens: out.timings.generated_tokens,
@@ -392,6 +428,13 @@ impl Generator {
         }
         self.cursor = cursor;
         self.next_batch_id += 1;
+        if let Some(policy) = &self.adaptive {
+            self.recent_sets
+                .push_back((batch_id, policy.set_for_batch(batch_id)));
+            while self.recent_sets.len() > 64 {
+                self.recent_sets.pop_front();
+            }
+        }
         Ok(RolloutBatch {
             batch_id,
             plan,

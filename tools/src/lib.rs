@@ -1,5 +1,5 @@
-//! The nested-reft command line and services: `nested-reft` (train, generate, logprobs, score,
-//! bench, fetch) and the two service binaries `nested-reft-learner` and
+//! The nested-reft command line and services: `nested-reft` (train, eval, generate, logprobs,
+//! score, bench, fetch) and the two service binaries `nested-reft-learner` and
 //! `nested-reft-rollout-server`, whose `main`s are thin wrappers around [`service`].
 //!
 //! The generator (rollout-server crate) and the update (learner crate) know nothing of how they
@@ -8,7 +8,10 @@
 pub mod assets;
 pub mod bench_overlap;
 pub mod bench_ring;
+pub mod bench_rollout;
 pub mod bench_train;
+pub mod calibrate;
+pub mod eval;
 pub mod lm;
 pub mod modelargs;
 pub mod score;

@@ -1,6 +1,6 @@
 //! `generate` and `logprobs`: the model under a layer plan, from the command line.
 
-use crate::modelargs::{ModelArgs, PlanArgs};
+use crate::modelargs::{ModelArgs, PlanArgs, ProfileSource};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use model::{
@@ -74,7 +74,12 @@ fn prompt_text(m: &LoadedModel, input: &PromptArgs, system: Option<&str>) -> Res
 /// Runs `generate`.
 pub fn generate(args: GenerateArgs) -> Result<()> {
     let m = args.model.load()?;
-    let plan = args.plan.plan(m.decoder.config().num_layers)?;
+    let plan = args.plan.plan_for(ProfileSource {
+        model_path: &args.model.path()?,
+        config: m.decoder.config(),
+        tokenizer: &m.tokenizer,
+    })?;
+    let behavior = m.decoder.quantized(args.plan.weight_format())?;
     let text = prompt_text(&m, &args.input, args.system.as_deref())?;
     let prompt = m.tokenizer.encode(&text, false)?;
     let sampling = if args.temperature == 0.0 {
@@ -94,8 +99,8 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         eos_token_ids: m.tokenizer.eos_token_ids().to_vec(),
         stop_strings: args.stop.clone(),
     };
-    eprintln!("plan: {plan}");
-    let out = run_generation(&m.decoder, &[prompt], &plan, &cfg, Some(&m.tokenizer))
+    eprintln!("plan: {plan}, {} weights", behavior.weight_format());
+    let out = run_generation(&behavior, &[prompt], &plan, &cfg, Some(&m.tokenizer))
         .context("while generating")?;
     for c in &out.completions {
         let text = m.tokenizer.decode(&c.tokens, true)?;
@@ -161,7 +166,12 @@ pub struct LogprobsArgs {
 pub fn logprobs(args: LogprobsArgs) -> Result<()> {
     let m = args.model.load()?;
     let num_layers = m.decoder.config().num_layers;
-    let plan = args.plan.plan(num_layers)?;
+    let plan = args.plan.plan_for(ProfileSource {
+        model_path: &args.model.path()?,
+        config: m.decoder.config(),
+        tokenizer: &m.tokenizer,
+    })?;
+    let behavior = m.decoder.quantized(args.plan.weight_format())?;
     let tok = &m.tokenizer;
     let (context, scored, first_unscored) = match (&args.text, &args.completion) {
         (Some(text), None) => {
@@ -184,21 +194,22 @@ pub fn logprobs(args: LogprobsArgs) -> Result<()> {
         }
         _ => bail!("give --text, or --prompt/--chat with --completion"),
     };
-    let score = |plan: &LayerPlan| -> Result<Vec<f32>> {
+    // The nested plan is scored with the behavior's weights; the full model with f32.
+    let score = |plan: &LayerPlan, model: &model::Decoder| -> Result<Vec<f32>> {
         let req = ScoreRequest {
             prompt: &context,
             completion: &scored,
         };
-        let lp = completion_logprobs(&m.decoder, &[req], plan, args.temperature, Kernels::Fused)?;
+        let lp = completion_logprobs(model, &[req], plan, args.temperature, Kernels::Fused)?;
         Ok(lp.to_vecs()?.remove(0))
     };
     let lps = if scored.is_empty() {
         Vec::new()
     } else {
-        score(&plan)?
+        score(&plan, &behavior)?
     };
     let full = if args.compare_full && !scored.is_empty() {
-        Some(score(&LayerPlan::full(num_layers))?)
+        Some(score(&LayerPlan::full(num_layers), &m.decoder)?)
     } else {
         None
     };

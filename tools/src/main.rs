@@ -2,7 +2,10 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tools::{assets, bench_overlap, bench_ring, bench_train, lm, score, train};
+use tools::{
+    assets, bench_overlap, bench_ring, bench_rollout, bench_train, calibrate, eval, lm, score,
+    train,
+};
 
 /// Reinforced fine-tuning with nested (layer-skipping) behavior models.
 #[derive(Debug, Parser)]
@@ -17,6 +20,14 @@ enum Command {
     /// Train with verifiable rewards: generate with the nested behavior, score, update the
     /// full-depth target. With no arguments: the default model on built-in arithmetic.
     Train(Box<train::TrainArgs>),
+    /// Accuracy of a model or a training checkpoint on the GSM8K problems and the arithmetic
+    /// levels, under a layer plan: greedy, or pass@k with several samples. Prints a table and
+    /// writes every completion and its reward to a JSON file.
+    Eval(Box<eval::EvalArgs>),
+    /// Measure how far each skippable layer or block moves the model, and build the skip sets
+    /// of the calibrated and adaptive plan strategies.
+    #[command(long_about = calibrate::LONG_ABOUT)]
+    Calibrate(Box<calibrate::CalibrateArgs>),
     /// Generate completions for a prompt or a chat message, under any layer plan.
     Generate(lm::GenerateArgs),
     /// Print per-token log-probs of a text (or a prompt + completion) under a layer plan, as JSON.
@@ -44,6 +55,11 @@ enum Bench {
     /// ideal bound, idle fractions and a timeline picture.
     #[command(long_about = bench_overlap::LONG_ABOUT)]
     Overlap(Box<bench_overlap::BenchOverlapArgs>),
+    /// Behaviors (a layer plan × a weight format) against the full-depth f32 model: decode
+    /// tokens/s and speedup at batch 1 and 8 (measured in the same run as the baseline), the
+    /// ideal speedup, the KL to the full model and greedy accuracy, with a KL-vs-speedup plot.
+    #[command(long_about = bench_rollout::LONG_ABOUT)]
+    Rollout(Box<bench_rollout::BenchRolloutArgs>),
     /// Learner forward + backward throughput and peak memory, against a plain f32 GEMM.
     #[command(long_about = bench_train::LONG_ABOUT)]
     Train(bench_train::BenchTrainArgs),
@@ -59,12 +75,15 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => train::run(*args),
+        Command::Eval(args) => eval::run(*args),
+        Command::Calibrate(args) => calibrate::run(&args),
         Command::Generate(args) => lm::generate(args),
         Command::Logprobs(args) => lm::logprobs(args),
         Command::Score(args) => score::run(args),
         Command::Bench(Bench::Ring(args)) => bench_ring::run_ring(&args),
         Command::Bench(Bench::Weights(args)) => bench_ring::run_weights(&args),
         Command::Bench(Bench::Overlap(args)) => bench_overlap::run(*args),
+        Command::Bench(Bench::Rollout(args)) => bench_rollout::run(*args),
         Command::Bench(Bench::RingPeer(args)) => bench_ring::run_ring_peer(&args),
         Command::Bench(Bench::Train(args)) => bench_train::run(&args),
         Command::Bench(Bench::TrainChild(args)) => bench_train::run_child(&args),

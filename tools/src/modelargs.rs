@@ -3,8 +3,13 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use model::{LayerPlan, LoadOptions, LoadedModel, PlanSampler, PlanSpec, PlanStrategy, SkipRatio};
+use model::{
+    AdaptiveConfig, LayerPlan, LoadOptions, LoadedModel, ModelConfig, PlanSampler, PlanSpec,
+    PlanStrategy, SkipRatio, Tokenizer, Unit, WeightFormat,
+};
+use std::path::Path;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Which model to load.
@@ -68,40 +73,85 @@ impl ModelArgs {
     }
 }
 
-/// Which decoder layers run: the full model, a nested plan drawn from a skip ratio, or an
-/// explicit skip list. Every flag is optional so that a config file can supply the plan.
+/// Which decoder layers run: the full model, a nested plan drawn from a skip ratio, an
+/// explicit skip list, or skip sets from the model's calibration profile. Every flag is
+/// optional so that a config file can supply the plan.
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// Fraction r of layers to skip: k = round(r·L) middle layers are dropped (first and last are
-    /// always kept). 0 (the default) runs the full model.
+    /// Fraction r of the model to skip. With random/contiguous: k = round(r·L) middle layers are
+    /// dropped (first and last are always kept). With calibrated: a profile skip set that saves
+    /// about r of the decode cost (0.2 = cost ratio 0.8, ideal speedup 1.25x). 0 (the default)
+    /// runs the full model.
     #[arg(long, value_name = "R", env = "NESTED_REFT_SKIP_RATIO")]
     pub skip_ratio: Option<f64>,
     /// Draw r uniformly from [--skip-ratio, --skip-ratio-max] for every batch instead of fixing it.
     #[arg(long, value_name = "R", env = "NESTED_REFT_SKIP_RATIO_MAX")]
     pub skip_ratio_max: Option<f64>,
-    /// How the skipped layers are chosen [default: random].
+    /// How the skipped units are chosen [default: random].
     #[arg(long, value_enum, env = "NESTED_REFT_PLAN_STRATEGY")]
     pub plan_strategy: Option<StrategyArg>,
-    /// Explicit layers to skip, e.g. `5,10,15` (overrides --skip-ratio).
+    /// Explicit units to skip: whole layers (`12`), attention blocks (`a12`) or MLP blocks
+    /// (`m12`), e.g. `25,26,a5,m7` (overrides --skip-ratio).
     #[arg(
         long,
         value_delimiter = ',',
-        value_name = "L,L,...",
+        value_name = "U,U,...",
         env = "NESTED_REFT_SKIP_LAYERS"
     )]
-    pub skip_layers: Option<Vec<usize>>,
+    pub skip_layers: Option<Vec<Unit>>,
+    /// The calibration profile of the calibrated and adaptive strategies [default: next to the
+    /// model, written by `nested-reft calibrate`].
+    #[arg(long, value_name = "FILE", env = "NESTED_REFT_PROFILE")]
+    pub profile: Option<PathBuf>,
+    /// adaptive: the largest per-token KL(μ‖π) in nats the behavior may drift [default: 0.1].
+    #[arg(long, value_name = "NATS", env = "NESTED_REFT_KL_BUDGET")]
+    pub kl_budget: Option<f64>,
+    /// Storage of the behavior's linear weights: f32, or re-quantized from the current f32
+    /// weights to 8 bits (q8_0) or 4 bits (q4_0) for faster generation. Only generation uses
+    /// it; training stays f32 [default: f32].
+    #[arg(long, value_name = "FORMAT", env = "NESTED_REFT_BEHAVIOR_WEIGHTS")]
+    pub behavior_weights: Option<WeightFormat>,
     /// Seed for the plan draws and for sampling [default: 0].
     #[arg(long, env = "NESTED_REFT_SEED")]
     pub seed: Option<u64>,
 }
 
 /// `--plan-strategy` values.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StrategyArg {
     /// A random subset of the middle layers.
     Random,
     /// One contiguous block of middle layers.
     Contiguous,
+    /// A skip set of the calibration profile at the cost --skip-ratio asks for, drawn per batch
+    /// among the sets near it.
+    Calibrated,
+    /// Per batch, the cheapest profile set whose KL(μ‖π), as the learner measures it, stays
+    /// under --kl-budget.
+    Adaptive,
+}
+
+impl StrategyArg {
+    /// The model crate's strategy.
+    pub fn strategy(self) -> PlanStrategy {
+        match self {
+            Self::Random => PlanStrategy::Random,
+            Self::Contiguous => PlanStrategy::Contiguous,
+            Self::Calibrated => PlanStrategy::Calibrated,
+            Self::Adaptive => PlanStrategy::Adaptive,
+        }
+    }
+}
+
+/// What the calibrated and adaptive strategies need to find the model's profile.
+#[derive(Debug, Clone, Copy)]
+pub struct ProfileSource<'a> {
+    /// The model's path (the profile lives next to it by default).
+    pub model_path: &'a Path,
+    /// The model's configuration.
+    pub config: &'a ModelConfig,
+    /// Its tokenizer (part of the model hash).
+    pub tokenizer: &'a Tokenizer,
 }
 
 impl PlanArgs {
@@ -111,31 +161,87 @@ impl PlanArgs {
             || self.skip_ratio_max.is_some()
             || self.plan_strategy.is_some()
             || self.skip_layers.is_some()
+            || self.profile.is_some()
+            || self.kl_budget.is_some()
+            || self.behavior_weights.is_some()
     }
 
-    /// The plan spec these flags describe (the full model when none is given).
+    fn ratio(&self) -> SkipRatio {
+        let min = self.skip_ratio.unwrap_or(0.0);
+        match self.skip_ratio_max {
+            Some(max) => SkipRatio::Range { min, max },
+            None => SkipRatio::Fixed(min),
+        }
+    }
+
+    /// The plan spec these flags describe (the full model when none is given). The calibrated
+    /// and adaptive strategies need the model's profile: see [`PlanArgs::resolve`].
     pub fn spec(&self, num_layers: usize) -> Result<PlanSpec> {
         Ok(match &self.skip_layers {
             Some(skip) => {
                 if self.skip_ratio.is_some() || self.skip_ratio_max.is_some() {
                     bail!("--skip-layers and --skip-ratio cannot be combined");
                 }
-                PlanSpec::Explicit(LayerPlan::skipping(skip, num_layers)?)
+                PlanSpec::Explicit(LayerPlan::skipping_units(skip, num_layers)?)
             }
             None => {
-                let min = self.skip_ratio.unwrap_or(0.0);
+                let strategy = self.plan_strategy.unwrap_or(StrategyArg::Random).strategy();
+                if strategy.needs_profile() {
+                    bail!("the {strategy} plan strategy needs the model's calibration profile");
+                }
                 PlanSpec::Nested {
-                    ratio: match self.skip_ratio_max {
-                        Some(max) => SkipRatio::Range { min, max },
-                        None => SkipRatio::Fixed(min),
-                    },
-                    strategy: match self.plan_strategy.unwrap_or(StrategyArg::Random) {
-                        StrategyArg::Random => PlanStrategy::Random,
-                        StrategyArg::Contiguous => PlanStrategy::Contiguous,
-                    },
+                    ratio: self.ratio(),
+                    strategy,
                 }
             }
         })
+    }
+
+    /// The plan spec, loading the calibration profile for the calibrated and adaptive
+    /// strategies (from --profile, else next to the model).
+    pub fn resolve(&self, src: ProfileSource<'_>) -> Result<PlanSpec> {
+        let strategy = self.plan_strategy.map(StrategyArg::strategy);
+        if self.kl_budget.is_some() && strategy != Some(PlanStrategy::Adaptive) {
+            bail!("--kl-budget applies to --plan-strategy adaptive only");
+        }
+        match strategy {
+            Some(s) if s.needs_profile() && self.skip_layers.is_none() => {
+                let profile = Arc::new(crate::calibrate::load_profile(
+                    self.profile.as_deref(),
+                    src.model_path,
+                    src.config,
+                    src.tokenizer,
+                )?);
+                if s == PlanStrategy::Calibrated {
+                    Ok(PlanSpec::Calibrated {
+                        ratio: self.ratio(),
+                        profile,
+                    })
+                } else {
+                    if self.skip_ratio.is_some() || self.skip_ratio_max.is_some() {
+                        bail!(
+                            "--plan-strategy adaptive chooses its own cost: give --kl-budget \
+                             instead of --skip-ratio"
+                        );
+                    }
+                    Ok(PlanSpec::Adaptive {
+                        config: AdaptiveConfig {
+                            kl_budget: self
+                                .kl_budget
+                                .unwrap_or(AdaptiveConfig::default().kl_budget),
+                            ..AdaptiveConfig::default()
+                        },
+                        profile,
+                    })
+                }
+            }
+            _ => self.spec(src.config.num_layers),
+        }
+    }
+
+    /// The behavior's weight format (f32 unless --behavior-weights).
+    pub fn weight_format(&self) -> WeightFormat {
+        self.behavior_weights.unwrap_or_default()
     }
 
     /// The seed (0 when not given).
@@ -143,9 +249,15 @@ impl PlanArgs {
         self.seed.unwrap_or(0)
     }
 
-    /// One plan for a model with `num_layers` layers.
+    /// One plan for a model with `num_layers` layers (not for the profile strategies).
     pub fn plan(&self, num_layers: usize) -> Result<LayerPlan> {
         let spec = self.spec(num_layers)?;
         Ok(PlanSampler::new(spec, num_layers, self.seed())?.next_plan()?)
+    }
+
+    /// One plan for a loaded model, any strategy.
+    pub fn plan_for(&self, src: ProfileSource<'_>) -> Result<LayerPlan> {
+        let spec = self.resolve(src)?;
+        Ok(PlanSampler::new(spec, src.config.num_layers, self.seed())?.next_plan()?)
     }
 }

@@ -441,6 +441,7 @@ fn run(
         control.send(Message::Trained {
             batch_id,
             version: learner.version(),
+            kl_behavior: update.as_ref().map_or(f64::NAN, |u| u.kl_behavior_k3),
         });
         last_batch = Some(batch_id);
         let mut checkpoint_s = 0.0;

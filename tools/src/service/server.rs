@@ -69,7 +69,11 @@ struct ControlLink {
 
 enum Event {
     Connected(Hello),
-    Trained { batch_id: u64, version: u64 },
+    Trained {
+        batch_id: u64,
+        version: u64,
+        kl_behavior: f64,
+    },
     Shutdown,
     Lost,
 }
@@ -102,9 +106,15 @@ impl ControlLink {
         if let Some(c) = &self.conn {
             loop {
                 match c.recv(Duration::ZERO) {
-                    Ok(Message::Trained { batch_id, version }) => {
-                        out.push(Event::Trained { batch_id, version })
-                    }
+                    Ok(Message::Trained {
+                        batch_id,
+                        version,
+                        kl_behavior,
+                    }) => out.push(Event::Trained {
+                        batch_id,
+                        version,
+                        kl_behavior,
+                    }),
                     Ok(Message::Shutdown) => out.push(Event::Shutdown),
                     Ok(Message::Error { message }) => warn!("the learner failed: {message}"),
                     Ok(_) => {}
@@ -146,22 +156,32 @@ fn run(
         .context("while loading the model")?;
     let bridge = WeightBridge::new(loaded.decoder.config(), &loaded.tokenizer)?;
     let device = loaded.decoder.device().clone();
-    let num_layers = loaded.decoder.config().num_layers;
+    let model_cfg = loaded.decoder.config().clone();
+    let num_layers = model_cfg.num_layers;
     drop(loaded.decoder);
-    let mut generator = cfg.generator(num_layers, loaded.tokenizer, |s| warn!("{s}"))?;
+    let format = cfg.plan.weight_format()?;
+    let mut generator = cfg.generator(
+        &crate::train::ModelSource {
+            path: &model_args.existing_path()?,
+            config: &model_cfg,
+        },
+        loaded.tokenizer,
+        |s| warn!("{s}"),
+    )?;
     let state_path = paths.state_dir.join("server-state.json");
     if let Ok(text) = std::fs::read_to_string(&state_path) {
         let state: GeneratorState = serde_json::from_str(&text)
             .with_context(|| format!("while reading {}", state_path.display()))?;
+        let (batch_id, cursor) = (state.next_batch_id, state.cursor);
         generator
             .restore(state)
             .with_context(|| format!("while restoring {}", state_path.display()))?;
         info!(
-            batch_id = state.next_batch_id,
+            batch_id,
             "continuing from {} (epoch {}, position {})",
             state_path.display(),
-            state.cursor.epoch,
-            state.cursor.position
+            cursor.epoch,
+            cursor.position
         );
     }
 
@@ -274,9 +294,21 @@ fn run(
                             in_flight, "reconnected to the learner"
                         );
                     }
-                    Event::Trained { batch_id, version } => {
+                    Event::Trained {
+                        batch_id,
+                        version,
+                        kl_behavior,
+                    } => {
                         in_flight = in_flight.saturating_sub(1);
                         tracing::debug!(batch_id, policy_version = version, "trained");
+                        if let Some(set) = generator.observe_kl(batch_id, kl_behavior) {
+                            info!(
+                                batch_id,
+                                kl_behavior,
+                                set,
+                                "adaptive plan: the learner's KL moved the behavior"
+                            );
+                        }
                     }
                     Event::Shutdown => {
                         info!("the learner is done; stopping");
@@ -344,6 +376,13 @@ fn run(
                     .decoder(pinned.bytes(), &device)
                     .context("while loading the published weights")?;
                 (pinned.version() - 1, d)
+            };
+            // An 8-bit behavior is re-quantized from every new set of weights.
+            let decoder = match format {
+                model::WeightFormat::F32 => decoder,
+                q => decoder
+                    .quantized(q)
+                    .context("while quantizing the behavior's weights")?,
             };
             model = Some((generation, version, decoder));
             load_s = unix_now() - t;

@@ -1,7 +1,7 @@
 //! `nested-reft train`'s configuration: a TOML file, overridden by flags (and their
 //! environment variables), validated once into [`TrainConfig`].
 
-use crate::modelargs::{ModelArgs, PlanArgs, StrategyArg};
+use crate::modelargs::{ModelArgs, PlanArgs, ProfileSource, StrategyArg};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use learner::{Correction, Normalizer, TisMode, UpdateConfig};
@@ -57,10 +57,48 @@ pub struct PlanFile {
     pub skip_ratio: Option<f64>,
     /// Upper bound of r, drawn per batch.
     pub skip_ratio_max: Option<f64>,
-    /// `random` or `contiguous`.
+    /// `random`, `contiguous`, `calibrated` or `adaptive`.
     pub strategy: Option<String>,
-    /// Explicit layers to skip.
-    pub skip_layers: Option<Vec<usize>>,
+    /// Explicit units to skip: layer numbers, or strings `"a12"` (attention block of layer 12)
+    /// and `"m12"` (its MLP block).
+    pub skip_layers: Option<Vec<SkipEntry>>,
+    /// The calibration profile of the calibrated and adaptive strategies (default: next to the
+    /// model).
+    pub profile: Option<PathBuf>,
+    /// adaptive: the KL(μ‖π) budget in nats per token.
+    pub kl_budget: Option<f64>,
+    /// The behavior's linear weights: `f32`, `q8_0` or `q4_0`.
+    pub behavior_weights: Option<String>,
+}
+
+/// One entry of `plan.skip_layers`: a layer number or a unit string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SkipEntry {
+    /// A whole layer.
+    Layer(usize),
+    /// `"12"`, `"a12"` or `"m12"`.
+    Unit(String),
+}
+
+impl SkipEntry {
+    fn unit(&self) -> Result<model::Unit> {
+        Ok(match self {
+            SkipEntry::Layer(l) => model::Unit::Layer(*l),
+            SkipEntry::Unit(s) => s
+                .parse()
+                .with_context(|| format!("in plan.skip_layers entry {s:?}"))?,
+        })
+    }
+}
+
+impl From<model::Unit> for SkipEntry {
+    fn from(u: model::Unit) -> Self {
+        match u {
+            model::Unit::Layer(l) => SkipEntry::Layer(l),
+            other => SkipEntry::Unit(other.to_string()),
+        }
+    }
 }
 
 /// The config file of `nested-reft train`; every key is optional.
@@ -226,6 +264,13 @@ pub struct TrainArgs {
     /// β of a k3 KL penalty to the initial model (0: none) [default: 0].
     #[arg(long)]
     pub kl_coef: Option<f64>,
+    /// β of the nested consistency term β·KL(sg(π_full) ‖ π_nested) over the completion
+    /// tokens: keeps the sub-network of the batch's behavior plan close to the full model (as
+    /// layer dropout does for early-exit models). Costs one extra full-depth forward and one
+    /// nested forward + backward per micro-batch (nothing when the plan is full); 0 = off
+    /// [default: 0].
+    #[arg(long, value_name = "β")]
+    pub consistency_beta: Option<f64>,
     /// Loss normaliser [default: token-mean].
     #[arg(long, value_enum)]
     pub normalizer: Option<NormalizerArg>,
@@ -341,11 +386,14 @@ impl TrainArgs {
             f.plan = PlanFile {
                 skip_ratio: p.skip_ratio,
                 skip_ratio_max: p.skip_ratio_max,
-                strategy: p.plan_strategy.map(|s| match s {
-                    StrategyArg::Random => "random".into(),
-                    StrategyArg::Contiguous => "contiguous".into(),
-                }),
-                skip_layers: p.skip_layers.clone(),
+                strategy: p.plan_strategy.map(|s| s.strategy().to_string()),
+                skip_layers: p
+                    .skip_layers
+                    .as_ref()
+                    .map(|v| v.iter().map(|&u| SkipEntry::from(u)).collect()),
+                profile: p.profile.clone(),
+                kl_budget: p.kl_budget,
+                behavior_weights: p.behavior_weights.map(|w| w.to_string()),
             };
         }
         set!(p.seed => f.seed);
@@ -380,6 +428,7 @@ impl TrainArgs {
         set!(self.warmup_steps => u.optim.warmup_steps);
         set!(self.epochs => u.epochs);
         set!(self.kl_coef => u.kl_coef);
+        set!(self.consistency_beta => u.consistency_beta);
         set!(self.micro_batch_tokens => u.micro_batch_tokens);
         set!(self.max_staleness => f.max_staleness);
         set!(self.checkpoint_every => f.checkpoint_every);
@@ -432,6 +481,8 @@ fn validate(f: &mut TrainFile) -> Result<()> {
     if f.steps == 0 {
         bail!("steps must be at least 1");
     }
+    // The plan section parses (the profile itself is read when the model is known).
+    f.plan.to_args(f.seed)?;
     f.generator.seed = f.seed;
     if (f.generator.temperature - f.update.temperature).abs() > 1e-9 {
         bail!(
@@ -464,17 +515,22 @@ impl TrainFile {
     /// model of `num_layers` layers. `warn` receives each skipped dataset line.
     pub fn generator(
         &self,
-        num_layers: usize,
+        model: &ModelSource<'_>,
         tokenizer: model::Tokenizer,
         warn: impl Fn(&str),
     ) -> Result<rollout_server::Generator> {
+        let num_layers = model.config.num_layers;
         let dataset = rollout_server::dataset::Dataset::open(&self.dataset)
             .context("while loading the dataset")?;
         for s in &dataset.stats().skipped {
             warn(&s.to_string());
         }
         let reward = self.reward.build().context("while starting the reward")?;
-        let plan = self.plan.to_args(self.seed)?.spec(num_layers)?;
+        let plan = self.plan.to_args(self.seed)?.resolve(ProfileSource {
+            model_path: model.path,
+            config: model.config,
+            tokenizer: &tokenizer,
+        })?;
         rollout_server::Generator::new(
             self.generator.clone(),
             dataset,
@@ -487,7 +543,25 @@ impl TrainFile {
     }
 }
 
+/// The model a generator is built for: where it is (its profile lives next to it) and its
+/// configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelSource<'a> {
+    /// The model's path.
+    pub path: &'a Path,
+    /// Its configuration.
+    pub config: &'a model::ModelConfig,
+}
+
 impl PlanFile {
+    /// The behavior's weight format.
+    pub fn weight_format(&self) -> Result<model::WeightFormat> {
+        Ok(match &self.behavior_weights {
+            Some(w) => w.parse().context("in plan.behavior_weights")?,
+            None => model::WeightFormat::F32,
+        })
+    }
+
     /// The plan flags this section stands for.
     pub fn to_args(&self, seed: u64) -> Result<PlanArgs> {
         Ok(PlanArgs {
@@ -496,9 +570,22 @@ impl PlanFile {
             plan_strategy: match self.strategy.as_deref() {
                 None | Some("random") => None,
                 Some("contiguous") => Some(StrategyArg::Contiguous),
-                Some(other) => bail!("plan.strategy {other:?} is not random or contiguous"),
+                Some("calibrated") => Some(StrategyArg::Calibrated),
+                Some("adaptive") => Some(StrategyArg::Adaptive),
+                Some(other) => bail!(
+                    "plan.strategy {other:?} is not random, contiguous, calibrated or adaptive"
+                ),
             },
-            skip_layers: self.skip_layers.clone(),
+            skip_layers: match &self.skip_layers {
+                Some(v) => Some(v.iter().map(SkipEntry::unit).collect::<Result<_>>()?),
+                None => None,
+            },
+            profile: self.profile.clone(),
+            kl_budget: self.kl_budget,
+            behavior_weights: match &self.behavior_weights {
+                Some(w) => Some(w.parse().context("in plan.behavior_weights")?),
+                None => None,
+            },
             seed: Some(seed),
         })
     }

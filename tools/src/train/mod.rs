@@ -6,7 +6,7 @@ mod config;
 pub mod plot;
 pub mod procs;
 
-pub use config::{load_config_file, Mode, TrainArgs, TrainConfig, TrainFile};
+pub use config::{load_config_file, Mode, ModelSource, TrainArgs, TrainConfig, TrainFile};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -84,9 +84,17 @@ fn train(cfg: &TrainConfig) -> Result<()> {
         trainable: true,
         ..LoadOptions::default()
     })?;
-    let num_layers = loaded.decoder.config().num_layers;
     let tokenizer = loaded.tokenizer.clone();
-    let mut generator = f.generator(num_layers, loaded.tokenizer, |s| eprintln!("warning: {s}"))?;
+    let model_cfg = loaded.decoder.config().clone();
+    let mut generator = f.generator(
+        &config::ModelSource {
+            path: &model_args.path()?,
+            config: &model_cfg,
+        },
+        loaded.tokenizer,
+        |s| eprintln!("warning: {s}"),
+    )?;
+    let format = f.plan.weight_format()?;
     let reference = if f.update.kl_coef > 0.0 {
         Some(model_args.load()?.decoder)
     } else {
@@ -126,12 +134,30 @@ fn train(cfg: &TrainConfig) -> Result<()> {
     let mut curve = Vec::new();
     for step in 0..f.steps {
         let t0 = Instant::now();
+        // An 8-bit behavior is re-quantized from the weights of this step.
+        let behavior = match format {
+            model::WeightFormat::F32 => None,
+            q => Some(learner.model().quantized(q)?),
+        };
         let batch = generator
-            .next_batch(learner.model(), learner.version())
+            .next_batch(
+                behavior.as_ref().unwrap_or(learner.model()),
+                learner.version(),
+            )
             .with_context(|| format!("while generating batch {step}"))?;
+        drop(behavior);
         let stats = learner
             .step(&batch.groups)
             .with_context(|| format!("while training on batch {step}"))?;
+        if let Some(set) = generator.observe_kl(batch.batch_id, stats.kl_behavior_k3) {
+            bar.suspend(|| {
+                eprintln!(
+                    "adaptive: KL(μ‖π) {:.3} on step {}; next batches use set {set}",
+                    stats.kl_behavior_k3,
+                    step + 1
+                )
+            });
+        }
         let line = MetricsLine {
             step,
             batch_id: batch.batch_id,
@@ -210,11 +236,30 @@ fn create(path: &Path) -> Result<File> {
 }
 
 fn describe_plan(p: &config::PlanFile) -> String {
-    match (&p.skip_layers, p.skip_ratio, p.skip_ratio_max) {
-        (Some(l), _, _) => format!("skip layers {l:?}"),
-        (None, Some(r), Some(m)) => format!("skip ratio {r}–{m}"),
-        (None, Some(r), None) if r > 0.0 => format!("skip ratio {r}"),
+    let strategy = p.strategy.as_deref().unwrap_or("random");
+    let plan = match (&p.skip_layers, p.skip_ratio, p.skip_ratio_max) {
+        (Some(l), _, _) => {
+            let units: Vec<String> = l
+                .iter()
+                .map(|e| match e {
+                    config::SkipEntry::Layer(l) => l.to_string(),
+                    config::SkipEntry::Unit(u) => u.clone(),
+                })
+                .collect();
+            format!("skip {}", units.join(","))
+        }
+        _ if strategy == "adaptive" => format!(
+            "adaptive, KL budget {}",
+            p.kl_budget
+                .unwrap_or(model::AdaptiveConfig::default().kl_budget)
+        ),
+        (None, Some(r), Some(m)) => format!("{strategy} skip ratio {r}–{m}"),
+        (None, Some(r), None) if r > 0.0 => format!("{strategy} skip ratio {r}"),
         _ => "full".into(),
+    };
+    match p.behavior_weights.as_deref() {
+        Some(w) if w != "f32" => format!("{plan}, {w} behavior weights"),
+        _ => plan,
     }
 }
 
