@@ -346,8 +346,8 @@ fn plot_profile(path: &Path, p: &Profile, cfg: &ModelConfig) -> Result<()> {
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "calibrated skip sets ({} layers; {})",
-                cfg.num_layers, p.calibration.source
+                "calibrated skip sets · {} layers · KL on {} tokens of {} sequences",
+                cfg.num_layers, p.calibration.tokens, p.calibration.sequences
             ),
             ("sans-serif", 16),
         )

@@ -34,7 +34,8 @@ enum Command {
     Logprobs(lm::LogprobsArgs),
     /// Score completions from a JSON Lines file with a reward (for debugging a reward module).
     Score(score::ScoreArgs),
-    /// Measure the shared-memory transport against memcpy, or the learner's training pass.
+    /// Benchmarks: the shared-memory transport, the weight store, the learner, the two-process
+    /// overlap and the rollout behaviors, each against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
     /// Fetch the default assets (model and GSM8K problems) into the asset cache.

@@ -43,6 +43,8 @@ struct BatchLine<'a> {
     batch_id: u64,
     policy_version: u64,
     skipped_layers: Vec<usize>,
+    /// Everything the plan skipped: layers (`12`), attention (`a12`) and MLP blocks (`m12`).
+    skipped_units: Vec<String>,
     wall_s: f64,
     records: usize,
     generation: &'a GenerationStats,
@@ -438,6 +440,12 @@ fn run(
             batch_id: batch.batch_id,
             policy_version,
             skipped_layers: batch.plan.skipped(),
+            skipped_units: batch
+                .plan
+                .skipped_units()
+                .iter()
+                .map(|u| u.to_string())
+                .collect(),
             wall_s: unix_now(),
             records,
             generation: &batch.stats,

@@ -28,6 +28,8 @@ struct MetricsLine<'a> {
     batch_id: u64,
     /// Layers the behavior skipped in this batch.
     skipped_layers: Vec<usize>,
+    /// Everything the plan skipped: layers (`12`), attention (`a12`) and MLP blocks (`m12`).
+    skipped_units: Vec<String>,
     /// Seconds since the run started.
     wall_s: f64,
     /// Seconds of this step (generation + scoring + update).
@@ -162,6 +164,12 @@ fn train(cfg: &TrainConfig) -> Result<()> {
             step,
             batch_id: batch.batch_id,
             skipped_layers: batch.plan.skipped(),
+            skipped_units: batch
+                .plan
+                .skipped_units()
+                .iter()
+                .map(|u| u.to_string())
+                .collect(),
             wall_s: start.elapsed().as_secs_f64(),
             step_s: t0.elapsed().as_secs_f64(),
             generation: &batch.stats,
