@@ -155,17 +155,6 @@ pub struct ProfileSource<'a> {
 }
 
 impl PlanArgs {
-    /// Whether any plan flag was given.
-    pub fn is_set(&self) -> bool {
-        self.skip_ratio.is_some()
-            || self.skip_ratio_max.is_some()
-            || self.plan_strategy.is_some()
-            || self.skip_layers.is_some()
-            || self.profile.is_some()
-            || self.kl_budget.is_some()
-            || self.behavior_weights.is_some()
-    }
-
     fn ratio(&self) -> SkipRatio {
         let min = self.skip_ratio.unwrap_or(0.0);
         match self.skip_ratio_max {

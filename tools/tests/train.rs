@@ -158,6 +158,56 @@ fn print_config_round_trips_through_a_file() {
 }
 
 #[test]
+fn behavior_flags_keep_the_plan_of_the_config_file() {
+    // --behavior-weights and --kl-budget are settings of their own: they do not replace the
+    // file's plan choice; a plan flag does, and units round-trip as strings.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cfg.toml");
+    std::fs::write(
+        &file,
+        "[plan]\nstrategy = \"contiguous\"\nskip_ratio = 0.1\nprofile = \"/p.json\"\n",
+    )
+    .unwrap();
+    let cfg = file.to_str().unwrap();
+    let out = run(&[
+        "train",
+        "--print-config",
+        "--config",
+        cfg,
+        "--behavior-weights",
+        "q8_0",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "strategy = \"contiguous\"",
+        "skip_ratio = 0.1",
+        "profile = \"/p.json\"",
+        "behavior_weights = \"q8_0\"",
+    ] {
+        assert!(text.contains(want), "{want} missing from\n{text}");
+    }
+    let out = run(&[
+        "train",
+        "--print-config",
+        "--config",
+        cfg,
+        "--skip-layers",
+        "4,a7,m27",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("skip_layers = [4, \"a7\", \"m27\"]"),
+        "{text}"
+    );
+    assert!(!text.contains("strategy ="), "{text}");
+    assert!(text.contains("profile = \"/p.json\""), "{text}");
+    // A bad unit is a clear error.
+    let out = run(&["train", "--print-config", "--skip-layers", "4,x7"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("x7"), "{err}");
+}
+
+#[test]
 fn ctrl_c_stops_after_the_current_step_and_still_saves() {
     for mode in ["local", "async"] {
         ctrl_c_in_mode(mode);

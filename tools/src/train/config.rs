@@ -382,19 +382,30 @@ impl TrainArgs {
                 RewardSpec::from_arg(r).with_context(|| format!("while reading --reward {r:?}"))?;
         }
         let p = &self.plan;
-        if p.is_set() {
-            f.plan = PlanFile {
-                skip_ratio: p.skip_ratio,
-                skip_ratio_max: p.skip_ratio_max,
-                strategy: p.plan_strategy.map(|s| s.strategy().to_string()),
-                skip_layers: p
-                    .skip_layers
-                    .as_ref()
-                    .map(|v| v.iter().map(|&u| SkipEntry::from(u)).collect()),
-                profile: p.profile.clone(),
-                kl_budget: p.kl_budget,
-                behavior_weights: p.behavior_weights.map(|w| w.to_string()),
-            };
+        // The plan choice (ratio, range, strategy, explicit units) is replaced as a whole;
+        // the profile, KL budget and weight format are separate settings, each kept from the
+        // file unless its own flag is given.
+        if p.skip_ratio.is_some()
+            || p.skip_ratio_max.is_some()
+            || p.plan_strategy.is_some()
+            || p.skip_layers.is_some()
+        {
+            f.plan.skip_ratio = p.skip_ratio;
+            f.plan.skip_ratio_max = p.skip_ratio_max;
+            f.plan.strategy = p.plan_strategy.map(|s| s.strategy().to_string());
+            f.plan.skip_layers = p
+                .skip_layers
+                .as_ref()
+                .map(|v| v.iter().map(|&u| SkipEntry::from(u)).collect());
+        }
+        if let Some(path) = &p.profile {
+            f.plan.profile = Some(path.clone());
+        }
+        if let Some(b) = p.kl_budget {
+            f.plan.kl_budget = Some(b);
+        }
+        if let Some(w) = p.behavior_weights {
+            f.plan.behavior_weights = Some(w.to_string());
         }
         set!(p.seed => f.seed);
         let u = &mut f.update;
