@@ -441,7 +441,11 @@ fn run(
         control.send(Message::Trained {
             batch_id,
             version: learner.version(),
-            kl_behavior: update.as_ref().map_or(f64::NAN, |u| u.kl_behavior_k3),
+            // A batch that trained no tokens (every group uniform) measured nothing.
+            kl_behavior: update
+                .as_ref()
+                .filter(|u| u.tokens > 0)
+                .map_or(f64::NAN, |u| u.kl_behavior_k3),
         });
         last_batch = Some(batch_id);
         let mut checkpoint_s = 0.0;

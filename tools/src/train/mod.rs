@@ -151,11 +151,17 @@ fn train(cfg: &TrainConfig) -> Result<()> {
         let stats = learner
             .step(&batch.groups)
             .with_context(|| format!("while training on batch {step}"))?;
-        if let Some(set) = generator.observe_kl(batch.batch_id, stats.kl_behavior_k3) {
+        // A batch that trained no tokens (every group uniform) measured nothing.
+        let kl = if stats.tokens > 0 {
+            stats.kl_behavior_k3
+        } else {
+            f64::NAN
+        };
+        if let Some(set) = generator.observe_kl(batch.batch_id, kl) {
             bar.suspend(|| {
                 eprintln!(
                     "adaptive: KL(μ‖π) {:.3} on step {}; next batches use set {set}",
-                    stats.kl_behavior_k3,
+                    kl,
                     step + 1
                 )
             });
