@@ -273,7 +273,11 @@ pub struct KlProbe<'a> {
     tokens: usize,
     base: LayerPlan,
     evaluations: usize,
+    /// The last plan evaluated without rebasing: its KL and layer inputs per chunk.
+    last: Option<MeasuredPlan>,
 }
+
+type MeasuredPlan = (LayerPlan, f64, Vec<Vec<Option<Tensor>>>);
 
 impl std::fmt::Debug for KlProbe<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -309,6 +313,7 @@ impl<'a> KlProbe<'a> {
             tokens,
             base: full,
             evaluations: 0,
+            last: None,
         })
     }
 
@@ -388,14 +393,37 @@ impl<'a> KlProbe<'a> {
     }
 
     /// Mean per-token KL(π_full ‖ π_plan) in nats. With `rebase`, `plan` becomes the base the
-    /// next evaluations resume from.
+    /// next evaluations resume from. The layer inputs of the last evaluated plan are kept, so
+    /// rebasing to the plan just measured (the greedy search takes the candidate it has just
+    /// re-measured) costs no second evaluation.
     pub fn kl(&mut self, plan: &LayerPlan, rebase: bool) -> Result<f64> {
         plan.check_for(self.decoder.config().num_layers)?;
+        let (kl, inputs) = match self.last.take() {
+            Some((p, kl, inputs)) if &p == plan => (kl, inputs),
+            _ => self.measure(plan)?,
+        };
+        if rebase {
+            for (chunk, inputs) in self.chunks.iter_mut().zip(inputs) {
+                chunk.inputs = inputs;
+            }
+            self.base = plan.clone();
+        } else {
+            self.last = Some((plan.clone(), kl, inputs));
+        }
+        Ok(kl)
+    }
+
+    /// Evaluates `plan` from the first layer where it departs from the base; returns the KL and
+    /// the hidden state entering every layer under `plan`, per chunk.
+    fn measure(&mut self, plan: &LayerPlan) -> Result<(f64, Vec<Vec<Option<Tensor>>>)> {
         self.evaluations += 1;
         let from = self.first_difference(plan);
         let mut total = 0f64;
-        for chunk in &mut self.chunks {
-            let mut ctx = ForwardCtx::new(plan.clone()).with_left_padding(chunk.pads.clone());
+        let mut all_inputs = Vec::with_capacity(self.chunks.len());
+        for chunk in &self.chunks {
+            let mut ctx = ForwardCtx::new(plan.clone())
+                .with_left_padding(chunk.pads.clone())
+                .record_layer_inputs();
             if from < plan.num_layers() {
                 let x = chunk.inputs[from].clone().ok_or_else(|| {
                     ModelError::InvalidInput("calibration layer inputs are missing".into())
@@ -405,28 +433,21 @@ impl<'a> KlProbe<'a> {
                 // Same plan as the base: resume at the last layer.
                 ctx = ctx.resume_at(plan.num_layers() - 1, x);
             }
-            if rebase {
-                ctx = ctx.record_layer_inputs();
-            }
             let hidden = self.decoder.forward_hidden(&chunk.tokens, &mut ctx)?;
             let logq = Self::logp_at(self.decoder, &hidden, &chunk.pick)?;
             // KL(p‖q) = Σ p log p − Σ p log q, per row.
             let cross = (&chunk.ref_p * &logq)?.sum(D::Minus1)?;
             let kl = (&chunk.ref_neg_entropy - cross)?;
             total += kl.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-            if rebase {
-                let mut inputs = ctx.take_layer_inputs();
-                let below = from.min(inputs.len());
-                for (l, slot) in inputs.iter_mut().enumerate().take(below) {
-                    *slot = chunk.inputs[l].clone();
-                }
-                chunk.inputs = inputs;
+            // Below the resume point the plan agrees with the base: its inputs are the base's.
+            let mut inputs = ctx.take_layer_inputs();
+            let below = from.min(inputs.len());
+            for (l, slot) in inputs.iter_mut().enumerate().take(below) {
+                *slot = chunk.inputs[l].clone();
             }
+            all_inputs.push(inputs);
         }
-        if rebase {
-            self.base = plan.clone();
-        }
-        Ok(total / self.tokens as f64)
+        Ok((total / self.tokens as f64, all_inputs))
     }
 
     /// Mean per-token KL(π_full ‖ π_other,plan) in nats, where π_full is the decoder this probe
