@@ -1,6 +1,6 @@
 //! `generate` and `logprobs`: the model under a layer plan, from the command line.
 
-use crate::modelargs::{ModelArgs, PlanArgs, ProfileSource};
+use crate::modelargs::{ModelArgs, PlanArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use model::{
@@ -74,12 +74,9 @@ fn prompt_text(m: &LoadedModel, input: &PromptArgs, system: Option<&str>) -> Res
 /// Runs `generate`.
 pub fn generate(args: GenerateArgs) -> Result<()> {
     let m = args.model.load()?;
-    let plan = args.plan.plan_for(ProfileSource {
-        model_path: &args.model.path()?,
-        config: m.decoder.config(),
-        tokenizer: &m.tokenizer,
-    })?;
-    let behavior = m.decoder.quantized(args.plan.weight_format())?;
+    let (plan, behavior) = args
+        .plan
+        .behavior(&args.model.path()?, &m.decoder, &m.tokenizer)?;
     let text = prompt_text(&m, &args.input, args.system.as_deref())?;
     let prompt = m.tokenizer.encode(&text, false)?;
     let sampling = if args.temperature == 0.0 {
@@ -166,12 +163,9 @@ pub struct LogprobsArgs {
 pub fn logprobs(args: LogprobsArgs) -> Result<()> {
     let m = args.model.load()?;
     let num_layers = m.decoder.config().num_layers;
-    let plan = args.plan.plan_for(ProfileSource {
-        model_path: &args.model.path()?,
-        config: m.decoder.config(),
-        tokenizer: &m.tokenizer,
-    })?;
-    let behavior = m.decoder.quantized(args.plan.weight_format())?;
+    let (plan, behavior) = args
+        .plan
+        .behavior(&args.model.path()?, &m.decoder, &m.tokenizer)?;
     let tok = &m.tokenizer;
     let (context, scored, first_unscored) = match (&args.text, &args.completion) {
         (Some(text), None) => {

@@ -4,8 +4,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use model::{
-    AdaptiveConfig, LayerPlan, LoadOptions, LoadedModel, ModelConfig, PlanSampler, PlanSpec,
-    PlanStrategy, SkipRatio, Tokenizer, Unit, WeightFormat,
+    AdaptiveConfig, Decoder, LayerPlan, LoadOptions, LoadedModel, ModelConfig, PlanSampler,
+    PlanSpec, PlanStrategy, SkipRatio, Tokenizer, Unit, WeightFormat,
 };
 use std::path::Path;
 use std::path::PathBuf;
@@ -248,5 +248,24 @@ impl PlanArgs {
     pub fn plan_for(&self, src: ProfileSource<'_>) -> Result<LayerPlan> {
         let spec = self.resolve(src)?;
         Ok(PlanSampler::new(spec, src.config.num_layers, self.seed())?.next_plan()?)
+    }
+
+    /// The behavior these flags describe for a loaded model: one plan (any strategy) and the
+    /// decoder in the chosen weight format (a re-quantized copy, or the f32 weights shared).
+    pub fn behavior(
+        &self,
+        model_path: &Path,
+        decoder: &Decoder,
+        tokenizer: &Tokenizer,
+    ) -> Result<(LayerPlan, Decoder)> {
+        let plan = self.plan_for(ProfileSource {
+            model_path,
+            config: decoder.config(),
+            tokenizer,
+        })?;
+        let behavior = decoder
+            .quantized(self.weight_format())
+            .context("while building the behavior's weights")?;
+        Ok((plan, behavior))
     }
 }

@@ -323,14 +323,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
     };
     let num_layers = decoder.config().num_layers;
-    let plan = args.plan.plan_for(crate::modelargs::ProfileSource {
-        model_path: &model_path,
-        config: decoder.config(),
-        tokenizer: &tokenizer,
-    })?;
     // The nested plan runs with the behavior's weights; the full plan (--also-full) with f32.
     let format = args.plan.weight_format();
-    let behavior = decoder.quantized(format)?;
+    let (plan, behavior) = args.plan.behavior(&model_path, &decoder, &tokenizer)?;
     let full = LayerPlan::full(num_layers);
     let mut plans = vec![plan.clone()];
     if args.also_full && plan != full {
