@@ -89,6 +89,16 @@ pub struct ForwardCtx {
     /// Keep the hidden state entering every layer (see [`ForwardCtx::record_layer_inputs`]).
     record_inputs: bool,
     inputs: Vec<Option<Tensor>>,
+    /// A packed layout (see [`ForwardCtx::with_segments`]).
+    segments: Option<Segments>,
+}
+
+/// A packed layout: RoPE positions per token and the attention segments of the rows.
+#[derive(Debug, Clone)]
+struct Segments {
+    /// (b·s) u32 position of every token.
+    positions: Tensor,
+    spans: Vec<ops::AttnSegment>,
 }
 
 impl ForwardCtx {
@@ -103,6 +113,7 @@ impl ForwardCtx {
             resume: None,
             record_inputs: false,
             inputs: Vec::new(),
+            segments: None,
         }
     }
 
@@ -126,6 +137,14 @@ impl ForwardCtx {
         } else {
             None
         };
+        self
+    }
+
+    /// Lays the batch out as packed segments: token `i` of the flattened (b, s) batch has RoPE
+    /// position `positions[i]`, and attention runs within each segment only, under its mask
+    /// (positions outside every segment are padding). No cache and no left padding.
+    pub(crate) fn with_segments(mut self, positions: Tensor, spans: Vec<ops::AttnSegment>) -> Self {
+        self.segments = Some(Segments { positions, spans });
         self
     }
 
@@ -301,6 +320,8 @@ struct Step<'a> {
     mask: Option<&'a Tensor>,
     offset: usize,
     kernels: Kernels,
+    /// Attention segments of a packed batch (then `mask` is unused).
+    segments: Option<&'a [ops::AttnSegment]>,
 }
 
 /// The decoder. Weights are never copied to build a nested model: a plan only selects layers.
@@ -531,9 +552,14 @@ impl Decoder {
         self.check_tokens(&ids)?;
         let offset = ctx.seq_len();
         let total = offset + s;
-        if total > self.cfg.max_position_embeddings {
+        // In a packed batch a row holds several sequences: the positions are what must fit.
+        let longest = match &ctx.segments {
+            Some(seg) => seg.positions.max(0)?.to_scalar::<u32>()? as usize + 1,
+            None => total,
+        };
+        if longest > self.cfg.max_position_embeddings {
             return Err(ModelError::ContextOverflow {
-                len: total,
+                len: longest,
                 max: self.cfg.max_position_embeddings,
             });
         }
@@ -543,6 +569,19 @@ impl Decoder {
                     len: total,
                     max: cache.capacity,
                 });
+            }
+        }
+        if let Some(seg) = &ctx.segments {
+            if ctx.cache.is_some() || ctx.left_pad.is_some() {
+                return Err(ModelError::InvalidInput(
+                    "a packed batch takes no cache and no left padding".into(),
+                ));
+            }
+            if seg.positions.dims() != [b * s] {
+                return Err(ModelError::InvalidInput(format!(
+                    "{:?} packed positions for a ({b}, {s}) batch",
+                    seg.positions.dims()
+                )));
             }
         }
         if let Some(pads) = &ctx.left_pad {
@@ -561,6 +600,7 @@ impl Decoder {
             mask: mask.as_ref(),
             offset,
             kernels: ctx.kernels,
+            segments: ctx.segments.as_ref().map(|seg| seg.spans.as_slice()),
         };
 
         let (from, mut x) = match ctx.resume.take() {
@@ -638,6 +678,12 @@ impl Decoder {
         s: usize,
         offset: usize,
     ) -> Result<(Tensor, Tensor)> {
+        let half = self.cfg.head_dim / 2;
+        if let Some(seg) = &ctx.segments {
+            let cos = self.rope_cos.index_select(&seg.positions, 0)?;
+            let sin = self.rope_sin.index_select(&seg.positions, 0)?;
+            return Ok((cos.reshape((b, s, half))?, sin.reshape((b, s, half))?));
+        }
         match &ctx.left_pad {
             None => Ok((
                 self.rope_cos.narrow(0, offset, s)?,
@@ -649,7 +695,6 @@ impl Decoder {
                     pos.extend((0..s).map(|i| (offset + i).saturating_sub(pad) as u32));
                 }
                 let pos = Tensor::from_vec(pos, b * s, &self.device)?;
-                let half = self.cfg.head_dim / 2;
                 let cos = self.rope_cos.index_select(&pos, 0)?.reshape((b, s, half))?;
                 let sin = self.rope_sin.index_select(&pos, 0)?.reshape((b, s, half))?;
                 Ok((cos, sin))
@@ -668,7 +713,7 @@ impl Decoder {
     ) -> Result<Option<Tensor>> {
         let total = offset + s;
         let pads = ctx.left_pad.as_deref();
-        if s == 1 && pads.is_none() {
+        if ctx.segments.is_some() || (s == 1 && pads.is_none()) {
             return Ok(None);
         }
         let rows = if pads.is_some() { b } else { 1 };
@@ -752,6 +797,18 @@ impl Decoder {
             None => (k, v),
         };
         let scale = 1.0 / (hd as f64).sqrt();
+        if let Some(segs) = step.segments {
+            let y = match step.kernels {
+                Kernels::Differentiable => ops::segment_attention(&q, &k, &v, segs, scale)?,
+                Kernels::Composed => ops::segment_attention_composed(&q, &k, &v, segs, scale)?,
+                // The rollout path never back-propagates: the value alone, no graph node.
+                Kernels::Fused => {
+                    ops::segment_attention(&q.detach(), &k.detach(), &v.detach(), segs, scale)?
+                }
+            };
+            let y = y.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+            return linear(&y, &a.o_proj, None);
+        }
         let q = q.reshape((b, nkv, rep * s, hd))?;
         let y = match step.kernels {
             // One graph node that recomputes the attention probabilities in its backward.

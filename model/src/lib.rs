@@ -3,7 +3,9 @@
 //! - [`Decoder`] holds the weights; `forward(&self, tokens, &mut ForwardCtx)` runs the layers of
 //!   the context's [`LayerPlan`], so the full-depth learner and every nested behavior model share
 //!   one copy of the weights.
-//! - [`completion_logprobs`] scores completions (batched, padded, differentiable).
+//! - [`completion_logprobs`] scores completions (batched, padded, differentiable);
+//!   [`packed_logprobs`] scores the same from a [`PackedLayout`] that computes a shared prompt
+//!   once and packs sequences into rows without padding.
 //! - [`generate`] samples G completions per prompt and records the behavior log-probs.
 //! - [`load_model`] reads a GGUF file or a Hugging Face directory.
 
@@ -16,6 +18,7 @@ mod generate;
 mod loading;
 mod logprobs;
 pub mod ops;
+mod packed;
 mod plan;
 mod quant;
 mod sampling;
@@ -34,6 +37,7 @@ pub use loading::{
     load_gguf, load_hf_dir, load_model, save_pretrained, unpermute_qk, LoadOptions, LoadedModel,
 };
 pub use logprobs::{completion_logprobs, CompletionLogProbs, ScoreRequest};
+pub use packed::{packed_logprobs, PackedLayout, PackedLogProbs, RowLayout, SharedPrompt};
 pub use plan::{
     AdaptiveConfig, AdaptivePolicy, LayerPlan, PlanSampler, PlanSpec, PlanStrategy, SkipRatio,
     Unit, CALIBRATED_WINDOW,

@@ -155,6 +155,45 @@ struct Case {
     differentiable: Vec<bool>,
 }
 
+/// Segments of a (2, ·, 7, ·) packed batch: row 0 holds a causal segment of 3 and a shared
+/// prompt of 2 with two completions of 1 and 1 (positions 3..7); row 1 holds one causal segment
+/// at 1..5 between padding.
+fn segments(dtype: DType) -> Vec<ops::AttnSegment> {
+    let inf = f32::NEG_INFINITY;
+    let mask = |len: usize, m: Vec<f32>| {
+        Tensor::from_vec(m, (1, 1, 1, len, len), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let tree = vec![
+        0.0, inf, inf, inf, //
+        0.0, 0.0, inf, inf, //
+        0.0, 0.0, 0.0, inf, //
+        0.0, 0.0, inf, 0.0,
+    ];
+    vec![
+        ops::AttnSegment {
+            row: 0,
+            start: 0,
+            len: 3,
+            mask: causal_mask(3, 3, dtype),
+        },
+        ops::AttnSegment {
+            row: 0,
+            start: 3,
+            len: 4,
+            mask: mask(4, tree),
+        },
+        ops::AttnSegment {
+            row: 1,
+            start: 1,
+            len: 4,
+            mask: causal_mask(4, 4, dtype),
+        },
+    ]
+}
+
 fn cases() -> Vec<Case> {
     let mut out = vec![
         Case {
@@ -203,6 +242,25 @@ fn cases() -> Vec<Case> {
                     random(r, &[1, 2, 3, 4], 1.5, d),
                     random(r, &[1, 2, 5, 4], 1.5, d),
                     random(r, &[1, 2, 5, 4], 1.5, d),
+                ]
+            },
+            differentiable: vec![true, true, true],
+        },
+        Case {
+            name: "segment attention (3 segments, padding, 2 query heads per key head)",
+            new: Box::new(|t| {
+                let segs = segments(t[0].dtype());
+                ops::segment_attention(&t[0], &t[1], &t[2], &segs, 0.4).unwrap()
+            }),
+            old: Box::new(|t| {
+                let segs = segments(t[0].dtype());
+                ops::segment_attention_composed(&t[0], &t[1], &t[2], &segs, 0.4).unwrap()
+            }),
+            inputs: |r, d| {
+                vec![
+                    random(r, &[2, 4, 7, 3], 1.5, d),
+                    random(r, &[2, 2, 7, 3], 1.5, d),
+                    random(r, &[2, 2, 7, 3], 1.5, d),
                 ]
             },
             differentiable: vec![true, true, true],
@@ -304,4 +362,48 @@ fn head_logprobs_without_gradient_is_the_plain_value() {
     assert!(rel_diff(&a, &b) < 1e-6);
     let bad = ops::HeadChunks { rows: 0, vocab: 4 };
     assert!(ops::head_logprobs_chunked(&h, &w, &t, 1.0, bad).is_err());
+}
+
+#[test]
+fn segment_attention_is_the_plain_attention_of_each_segment() {
+    // Each segment alone through the plain (masked) attention, against the packed op.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    let q = random(&mut rng, &[2, 4, 7, 3], 1.5, DType::F64);
+    let k = random(&mut rng, &[2, 2, 7, 3], 1.5, DType::F64);
+    let v = random(&mut rng, &[2, 2, 7, 3], 1.5, DType::F64);
+    let segs = segments(DType::F64);
+    let y = ops::segment_attention(&q, &k, &v, &segs, 0.4).unwrap();
+    for seg in &segs {
+        let part = |t: &Tensor| {
+            t.narrow(0, seg.row, 1)
+                .unwrap()
+                .narrow(2, seg.start, seg.len)
+                .unwrap()
+        };
+        let qs = part(&q)
+            .contiguous()
+            .unwrap()
+            .reshape((1, 2, 2 * seg.len, 3))
+            .unwrap();
+        let want = ops::attention(&qs, &part(&k), &part(&v), Some(&seg.mask), 0.4)
+            .unwrap()
+            .reshape((1, 4, seg.len, 3))
+            .unwrap();
+        assert!(rel_diff(&part(&y), &want) < 1e-14, "{seg:?}");
+    }
+    // Padding positions (row 1, positions 0, 5, 6) are zero.
+    for p in [0, 5, 6] {
+        let pad = y.narrow(0, 1, 1).unwrap().narrow(2, p, 1).unwrap();
+        assert_eq!(scalar(&pad.abs().unwrap().sum_all().unwrap()), 0.0);
+    }
+    // Overlapping, unsorted or misfitting segments are refused.
+    let mut bad = segments(DType::F64);
+    bad.swap(0, 1);
+    assert!(ops::segment_attention(&q, &k, &v, &bad, 0.4).is_err());
+    let mut bad = segments(DType::F64);
+    bad[2].start = 4;
+    assert!(ops::segment_attention(&q, &k, &v, &bad, 0.4).is_err());
+    let mut bad = segments(DType::F64);
+    bad[0].mask = causal_mask(2, 2, DType::F64);
+    assert!(ops::segment_attention(&q, &k, &v, &bad, 0.4).is_err());
 }

@@ -18,6 +18,10 @@ use candle_core::{
 };
 use std::sync::Mutex;
 
+mod segments;
+
+pub use segments::{segment_attention, segment_attention_composed, AttnSegment};
+
 /// How [`head_logprobs_chunked`] splits its work: its memory is about
 /// `max(rows × vocab, n × vocab_rows)` logits instead of `n × vocab`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,15 +43,15 @@ impl Default for HeadChunks {
 
 /// A forward value computed ahead of the custom op that attaches it to the graph. The op takes
 /// it out once, so the graph node does not keep a second copy alive.
-struct Precomputed(Mutex<Option<Tensor>>);
+pub(crate) struct Precomputed(Mutex<Option<Tensor>>);
 
 impl Precomputed {
-    fn new(t: Tensor) -> Self {
+    pub(crate) fn new(t: Tensor) -> Self {
         Self(Mutex::new(Some(t)))
     }
 
     /// The value as an owned CPU storage with its shape.
-    fn take(&self, op: &'static str) -> candle_core::Result<(CpuStorage, Shape)> {
+    pub(crate) fn take(&self, op: &'static str) -> candle_core::Result<(CpuStorage, Shape)> {
         let value = self
             .0
             .lock()
@@ -73,7 +77,7 @@ impl Precomputed {
 }
 
 /// Whether the fused ops apply: CPU tensors (the forward values are CPU storages).
-fn on_cpu(t: &Tensor) -> bool {
+pub(crate) fn on_cpu(t: &Tensor) -> bool {
     t.device().is_cpu()
 }
 
@@ -247,7 +251,7 @@ struct AttentionOp {
 }
 
 /// softmax(q·kᵀ·scale + mask) on detached inputs.
-fn attention_probs(
+pub(crate) fn attention_probs(
     q: &Tensor,
     k: &Tensor,
     mask: Option<&Tensor>,
