@@ -198,9 +198,17 @@ pub struct UpdateConfig {
     pub consistency_beta: f64,
     /// Temperature the behavior sampled with: the target's log-probs use the same one.
     pub temperature: f64,
-    /// Tokens (prompt + completion, padded) per micro-batch: bounds the activation memory.
-    /// The gradient does not depend on it.
+    /// Positions computed per micro-batch (prompts, completions and any padding): bounds the
+    /// activation memory. The gradient does not depend on it.
     pub micro_batch_tokens: usize,
+    /// Compute each prompt once for all the completions that share it: they are laid out as
+    /// the prompt followed by each completion, every completion attending to the prompt and to
+    /// its own earlier tokens, with positions restarting at the prompt's length. The loss and
+    /// gradient are those of the unshared batch (up to float rounding).
+    pub prefix_sharing: bool,
+    /// Pack the micro-batch's sequences (or shared-prompt segments) back to back into one row,
+    /// attention staying within each, instead of one right-padded row per sequence.
+    pub packing: bool,
     /// A completion whose reward reaches this counts as correct (for the accuracy statistic).
     pub correct_threshold: f64,
     /// Consecutive steps with a non-finite loss or gradient tolerated (each is skipped).
@@ -221,6 +229,8 @@ impl Default for UpdateConfig {
             consistency_beta: 0.0,
             temperature: 1.0,
             micro_batch_tokens: 2048,
+            prefix_sharing: true,
+            packing: true,
             correct_threshold: 1.0,
             max_nonfinite_steps: 3,
             optim: OptimConfig::default(),

@@ -4,7 +4,9 @@
 //! - [`prepare_batch`]: complete groups of [`protocol::RolloutRecord`]s → group-relative
 //!   advantages (groups with equal rewards are counted, not trained on).
 //! - [`Learner::step`]: target log-probs with the full plan and differentiable kernels in
-//!   micro-batches, the correction of [`Correction`], the loss with its [`Normalizer`],
+//!   micro-batches (completions that share a prompt share its forward pass, and sequences are
+//!   packed into rows without padding: [`UpdateConfig::prefix_sharing`],
+//!   [`UpdateConfig::packing`], [`LayoutStats`]), the correction of [`Correction`], the loss with its [`Normalizer`],
 //!   accumulated backward, global-norm clipping, AdamW with a warmup/decay schedule. A
 //!   non-finite loss or gradient skips the step; too many in a row is an error.
 //! - [`Learner::save_checkpoint`] / [`Learner::load_checkpoint`]: atomic checkpoints of the
@@ -23,6 +25,7 @@ mod checkpoint;
 mod config;
 mod correction;
 mod error;
+mod layout;
 mod optim;
 mod update;
 
@@ -36,5 +39,6 @@ pub use config::{
 };
 pub use correction::{sequence_weights, token_loss, SequenceWeights, TokenLoss, TokenTerms};
 pub use error::{LearnerError, Result};
+pub use layout::LayoutStats;
 pub use optim::AdamW;
 pub use update::{BatchGradient, Learner, StepStats};

@@ -5,10 +5,11 @@ use crate::batch::{prepare_batch, PreparedBatch, TrainSequence};
 use crate::config::{Normalizer, UpdateConfig};
 use crate::correction::{sequence_weights, token_loss, SequenceWeights, TokenTerms};
 use crate::error::{LearnerError, Result};
+use crate::layout::{self, LayoutOptions, LayoutStats, MicroPlan};
 use crate::optim::AdamW;
 use candle_core::{backprop::GradStore, DType, Tensor, Var, D};
 use candle_nn::ParamsAdamW;
-use model::{completion_logprobs, Decoder, ForwardCtx, Kernels, LayerPlan, ScoreRequest};
+use model::{Decoder, Kernels, LayerPlan};
 use protocol::RolloutRecord;
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -68,6 +69,10 @@ pub struct StepStats {
     pub skipped: Option<String>,
     /// Micro-batches per epoch.
     pub micro_batches: usize,
+    /// What the layout computes per epoch (shared prompts, packing) against the unshared
+    /// padded layout.
+    #[serde(flatten)]
+    pub layout: LayoutStats,
     /// Seconds of target forward + backward (all epochs).
     pub time_forward_backward_s: f64,
     /// Seconds of clipping and optimizer updates.
@@ -97,6 +102,8 @@ pub struct BatchGradient {
     pub clipped_tokens: usize,
     /// Micro-batches the batch was split into.
     pub micro_batches: usize,
+    /// What the layout computed.
+    pub layout: LayoutStats,
 }
 
 /// Per-sequence quantities fixed at the start of a step (first epoch) and reused by later ones.
@@ -231,9 +238,10 @@ impl Learner {
         let mut cache = StepCache::default();
         let (mut fwd_bwd, mut optim) = (Duration::ZERO, Duration::ZERO);
         let mut clipped = 0usize;
+        let micro = self.micro_plan(batch)?;
         for epoch in 0..self.cfg.epochs {
             let start = Instant::now();
-            let grad = self.pass(batch, &mut cache)?;
+            let grad = self.pass(batch, &micro, &mut cache)?;
             fwd_bwd += start.elapsed();
             if epoch == 0 {
                 stats.loss = grad.loss;
@@ -243,6 +251,7 @@ impl Learner {
                 stats.consistency_kl = grad.consistency_kl;
                 fill_ratio_stats(&mut stats, batch, &cache);
                 stats.micro_batches = grad.micro_batches;
+                stats.layout = grad.layout;
             } else {
                 clipped += grad.clipped_tokens;
             }
@@ -267,7 +276,20 @@ impl Learner {
     /// The gradient of the first epoch's loss over `batch` (micro-batched, accumulated),
     /// without updating anything.
     pub fn gradient(&self, batch: &PreparedBatch) -> Result<BatchGradient> {
-        self.pass(batch, &mut StepCache::default())
+        let micro = self.micro_plan(batch)?;
+        self.pass(batch, &micro, &mut StepCache::default())
+    }
+
+    /// The micro-batches of `batch` under the configured layout and budget.
+    fn micro_plan(&self, batch: &PreparedBatch) -> Result<MicroPlan> {
+        layout::plan(
+            batch,
+            LayoutOptions {
+                prefix_sharing: self.cfg.prefix_sharing,
+                packing: self.cfg.packing,
+                budget: self.cfg.micro_batch_tokens,
+            },
+        )
     }
 
     /// Clips and applies one accumulated gradient; false when it was skipped as non-finite.
@@ -315,30 +337,14 @@ impl Learner {
         Ok(true)
     }
 
-    /// Sequence indices per micro-batch: sorted by length, packed while rows × longest ≤ budget.
-    fn micro_batches(&self, batch: &PreparedBatch) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..batch.sequences.len()).collect();
-        order.sort_by_key(|&i| batch.sequences[i].len());
-        let budget = self.cfg.micro_batch_tokens;
-        let mut out: Vec<Vec<usize>> = Vec::new();
-        let mut cur: Vec<usize> = Vec::new();
-        for i in order {
-            // Sorted ascending, so this sequence is the longest of the micro-batch.
-            let len = batch.sequences[i].len();
-            if !cur.is_empty() && (cur.len() + 1) * len > budget {
-                out.push(std::mem::take(&mut cur));
-            }
-            cur.push(i);
-        }
-        if !cur.is_empty() {
-            out.push(cur);
-        }
-        out
-    }
-
     /// One forward + backward over the batch. The first call of a step fills `cache`
     /// (π_prox, the correction weights, π_ref); later epochs read it.
-    fn pass(&self, batch: &PreparedBatch, cache: &mut StepCache) -> Result<BatchGradient> {
+    fn pass(
+        &self,
+        batch: &PreparedBatch,
+        micro: &MicroPlan,
+        cache: &mut StepCache,
+    ) -> Result<BatchGradient> {
         let n = batch.sequences.len();
         let first = cache.prox.is_empty();
         if first {
@@ -357,40 +363,32 @@ impl Learner {
             consistency_kl: None,
             clipped_tokens: 0,
             micro_batches: 0,
+            layout: micro.stats,
         };
-        for micro in self.micro_batches(batch) {
+        let temperature = self.cfg.temperature;
+        for m in &micro.micros {
             out.micro_batches += 1;
-            let seqs: Vec<&TrainSequence> = micro.iter().map(|&i| &batch.sequences[i]).collect();
-            let requests: Vec<ScoreRequest<'_>> = seqs
-                .iter()
-                .map(|s| ScoreRequest {
-                    prompt: &s.prompt,
-                    completion: &s.completion,
-                })
-                .collect();
-            let lp = completion_logprobs(
+            let lp = m.logprobs(
                 &self.model,
-                &requests,
+                batch,
                 &plan,
-                self.cfg.temperature,
+                temperature,
                 Kernels::Differentiable,
             )?;
-            let values = lp.to_vecs()?;
+            let values = &lp.rows;
             if first {
                 let reference = match (&self.reference, self.cfg.kl_coef > 0.0) {
-                    (Some(r), true) => Some(
-                        completion_logprobs(
-                            r,
-                            &requests,
-                            &plan,
-                            self.cfg.temperature,
-                            Kernels::Fused,
-                        )?
-                        .to_vecs()?,
-                    ),
+                    (Some(r), true) => {
+                        // No gradient: the fused kernels, where candle has them (not f64).
+                        let kernels = match r.dtype() {
+                            DType::F64 => Kernels::Differentiable,
+                            _ => Kernels::Fused,
+                        };
+                        Some(m.logprobs(r, batch, &plan, temperature, kernels)?.rows)
+                    }
                     _ => None,
                 };
-                for (k, &i) in micro.iter().enumerate() {
+                for (k, &i) in m.seqs.iter().enumerate() {
                     let s = &batch.sequences[i];
                     let log_ratios: Vec<f64> = values[k]
                         .iter()
@@ -404,9 +402,8 @@ impl Learner {
                     }
                 }
             }
-            let t_max = lp.values.dim(1)?;
-            let mut coef = vec![0f64; micro.len() * t_max];
-            for (k, &i) in micro.iter().enumerate() {
+            let mut coef = vec![0f64; lp.len()];
+            for (k, &i) in m.seqs.iter().enumerate() {
                 let s = &batch.sequences[i];
                 let inv_norm = self.inv_norm(s, n, total_tokens);
                 for t in 0..s.completion.len() {
@@ -422,7 +419,7 @@ impl Learner {
                         self.cfg.clip_eps,
                         self.cfg.kl_coef,
                     );
-                    coef[k * t_max + t] = l.coef;
+                    coef[lp.index(k, t)] = l.coef;
                     out.pg_loss += l.pg;
                     out.kl_loss += l.kl;
                     out.clipped_tokens += usize::from(l.clipped);
@@ -434,7 +431,7 @@ impl Learner {
                 out.pg_loss = f64::NAN;
                 continue;
             }
-            let coef = Tensor::from_vec(coef, (micro.len(), t_max), self.model.device())?
+            let coef = Tensor::from_vec(coef, lp.values.shape(), self.model.device())?
                 .to_dtype(lp.values.dtype())?;
             let loss = (lp.values * coef)?.sum_all()?.neg()?;
             let grads = loss.backward()?;
@@ -446,7 +443,7 @@ impl Learner {
                 // KL(π‖π) = 0: nothing to compute.
                 out.consistency_kl = Some(0.0);
             } else {
-                self.consistency(batch, plan, &mut out)?;
+                self.consistency(batch, micro, plan, &mut out)?;
                 out.loss += out.consistency_loss;
             }
         }
@@ -492,6 +489,7 @@ impl Learner {
     fn consistency(
         &self,
         batch: &PreparedBatch,
+        micro: &MicroPlan,
         plan: &LayerPlan,
         out: &mut BatchGradient,
     ) -> Result<()> {
@@ -502,10 +500,10 @@ impl Learner {
         let device = self.model.device();
         let dtype = self.model.dtype();
         let (mut loss_sum, mut kl_sum) = (0f64, 0f64);
-        for micro in self.micro_batches(batch) {
-            let seqs: Vec<&TrainSequence> = micro.iter().map(|&i| &batch.sequences[i]).collect();
-            let rows = CompletionRows::new(&seqs, device)?;
-            if rows.len == 0 {
+        for m in &micro.micros {
+            let seqs: Vec<&TrainSequence> = m.seqs.iter().map(|&i| &batch.sequences[i]).collect();
+            let rows: usize = seqs.iter().map(|s| s.completion.len()).sum();
+            if rows == 0 {
                 continue;
             }
             let weights: Vec<f64> = seqs
@@ -515,13 +513,14 @@ impl Learner {
                     std::iter::repeat_n(w, s.completion.len())
                 })
                 .collect();
-            let h_full = rows.hidden(&self.model, &full)?.detach();
-            let h_nested = rows.hidden(&self.model, plan)?;
+            let kernels = Kernels::Differentiable;
+            let h_full = m.hidden(&self.model, batch, &full, kernels)?.detach();
+            let h_nested = m.hidden(&self.model, batch, plan, kernels)?;
             let h_nested_leaf = h_nested.detach();
             let mut grad_h = Vec::new();
             let mut start = 0;
-            while start < rows.len {
-                let len = CONSISTENCY_CHUNK_ROWS.min(rows.len - start);
+            while start < rows {
+                let len = CONSISTENCY_CHUNK_ROWS.min(rows - start);
                 let log_full = self.log_softmax(&h_full.narrow(0, start, len)?)?.detach();
                 let leaf = Var::from_tensor(&h_nested_leaf.narrow(0, start, len)?)?;
                 let log_nested = self.log_softmax(leaf.as_tensor())?;
@@ -575,54 +574,6 @@ impl Learner {
 
 /// Positions of the consistency term's head per chunk: bounds its (rows × vocab) memory.
 const CONSISTENCY_CHUNK_ROWS: usize = 128;
-
-/// The sequences of one micro-batch, right-padded, and the positions whose hidden states
-/// predict their completion tokens.
-struct CompletionRows {
-    /// (b, s) token ids.
-    tokens: Tensor,
-    /// Flat (b·s) indices of the predicting positions, sequence by sequence.
-    pick: Tensor,
-    /// Completion tokens in all (rows of [`CompletionRows::hidden`]).
-    len: usize,
-}
-
-impl CompletionRows {
-    fn new(seqs: &[&TrainSequence], device: &candle_core::Device) -> Result<Self> {
-        let seq_len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut tokens = vec![0u32; seqs.len() * seq_len];
-        let mut pick = Vec::new();
-        for (i, s) in seqs.iter().enumerate() {
-            let Some(last_prompt) = s.prompt.len().checked_sub(1) else {
-                return Err(LearnerError::InvalidBatch(
-                    "a sequence has an empty prompt".into(),
-                ));
-            };
-            let row = &mut tokens[i * seq_len..(i + 1) * seq_len];
-            row[..s.prompt.len()].copy_from_slice(&s.prompt);
-            row[s.prompt.len()..s.len()].copy_from_slice(&s.completion);
-            // The hidden state at position p predicts token p + 1.
-            pick.extend((0..s.completion.len()).map(|t| (i * seq_len + last_prompt + t) as u32));
-        }
-        let len = pick.len();
-        Ok(Self {
-            tokens: Tensor::from_vec(tokens, (seqs.len(), seq_len), device)?,
-            pick: Tensor::from_vec(pick, len, device)?,
-            len,
-        })
-    }
-
-    /// Final hidden states at the predicting positions under `plan` (differentiable kernels).
-    ///
-    /// # Shapes
-    /// → (len, hidden).
-    fn hidden(&self, model: &Decoder, plan: &LayerPlan) -> Result<Tensor> {
-        let mut ctx = ForwardCtx::new(plan.clone()).with_kernels(Kernels::Differentiable);
-        let h = model.forward_hidden(&self.tokens, &mut ctx)?;
-        let (b, s, d) = h.dims3()?;
-        Ok(h.reshape((b * s, d))?.index_select(&self.pick, 0)?)
-    }
-}
 
 /// Ratio, KL(μ‖π) and ESS statistics of the first epoch.
 fn fill_ratio_stats(stats: &mut StepStats, batch: &PreparedBatch, cache: &StepCache) {
