@@ -86,3 +86,87 @@ fn bench_train_prints_a_table_and_explains_itself() {
     let help = String::from_utf8(help.stdout).unwrap();
     assert!(help.contains("GEMM") && help.contains("VmHWM"), "{help}");
 }
+
+#[test]
+fn bench_train_grpo_compares_layouts_on_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("batch.json");
+    let run = |extra: &[&str]| -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_nested-reft"))
+            .args(["bench", "train", "--grpo", "--random-model", "--iters", "1"])
+            .args(["--threads", "1", "--json", "--grpo-batch"])
+            .arg(&saved)
+            .args(extra)
+            .output()
+            .expect("start nested-reft");
+        assert!(
+            out.status.success(),
+            "bench train --grpo failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+    };
+    let v = run(&["--layouts", "padded,shared,packed,shared-packed"]);
+    assert!(saved.is_file(), "the generated workload is saved");
+    assert_eq!(v["workload"], "grpo");
+    assert_eq!(v["groups"], 8);
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4);
+    let get = |layout: &str, key: &str| -> f64 {
+        let r = runs.iter().find(|r| r["layout"] == layout).unwrap();
+        r[key].as_f64().unwrap()
+    };
+    let completion = v["completion_tokens"].as_f64().unwrap();
+    for layout in ["padded", "shared", "packed", "shared-packed"] {
+        // Every layout trains every completion token.
+        assert_eq!(get(layout, "completion_tokens"), completion, "{layout}");
+        for key in [
+            "step_s",
+            "completion_tokens_per_s",
+            "peak_rss_bytes",
+            "gemm_gflops",
+        ] {
+            let x = get(layout, key);
+            assert!(x > 0.0 && x.is_finite(), "{layout}: {key} = {x}");
+        }
+        assert_eq!(
+            get(layout, "unshared_padded_tokens"),
+            get("padded", "computed_tokens"),
+            "{layout}"
+        );
+    }
+    // Shared and packed: each prompt once, no padding; fewer positions than any other layout.
+    assert_eq!(get("shared-packed", "padding_tokens"), 0.0);
+    assert_eq!(get("packed", "padding_tokens"), 0.0);
+    assert_eq!(
+        get("shared-packed", "prompt_tokens"),
+        v["prompt_tokens"].as_f64().unwrap()
+    );
+    assert_eq!(
+        get("shared-packed", "computed_tokens"),
+        v["prompt_tokens"].as_f64().unwrap() + completion
+    );
+    for other in ["padded", "shared", "packed"] {
+        assert!(get("shared-packed", "computed_tokens") < get(other, "computed_tokens"));
+    }
+    // The saved workload replays: the same batch again.
+    let again = run(&["--layouts", "shared-packed"]);
+    assert_eq!(again["completion_tokens"], v["completion_tokens"]);
+    assert_eq!(
+        again["runs"][0]["computed_tokens"],
+        v["runs"][3]["computed_tokens"]
+    );
+    // A file that is not a workload is refused by name.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{}").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nested-reft"))
+        .args(["bench", "train", "--grpo", "--random-model", "--grpo-batch"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("bad.json"),
+        "{stderr}"
+    );
+}

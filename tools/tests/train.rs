@@ -155,6 +155,22 @@ fn print_config_round_trips_through_a_file() {
     let out = run(&["train", "--print-config", "--steps", "7", "--epochs", "2"]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("total_steps = 14"), "{text}");
+    // The learner shares prompts and packs rows unless told not to.
+    assert!(
+        text.contains("prefix_sharing = true") && text.contains("packing = true"),
+        "{text}"
+    );
+    let out = run(&[
+        "train",
+        "--print-config",
+        "--no-prefix-sharing",
+        "--no-packing",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("prefix_sharing = false") && text.contains("packing = false"),
+        "{text}"
+    );
 }
 
 #[test]

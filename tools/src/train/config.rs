@@ -277,9 +277,19 @@ pub struct TrainArgs {
     /// Do not divide advantages by the group's standard deviation ("Dr. GRPO").
     #[arg(long)]
     pub no_std: bool,
-    /// Tokens per learner micro-batch: bounds memory, not the result [default: 2048].
+    /// Positions per learner micro-batch (prompts, completions and padding): bounds memory,
+    /// not the result [default: 2048].
     #[arg(long, value_name = "N")]
     pub micro_batch_tokens: Option<usize>,
+    /// The learner computes each completion with its own copy of the prompt instead of once
+    /// per group (the same gradient up to rounding, more work; config `update.prefix_sharing`).
+    #[arg(long)]
+    pub no_prefix_sharing: bool,
+    /// The learner pads one row per sequence (or shared-prompt group) to the micro-batch's
+    /// longest instead of packing them back to back (the same gradient, more work; config
+    /// `update.packing`). With --no-prefix-sharing this is the plain padded layout.
+    #[arg(long)]
+    pub no_packing: bool,
     /// `async`: how many policy versions a trained sample may lag [default: 1].
     #[arg(long, value_name = "N")]
     pub max_staleness: Option<u64>,
@@ -456,6 +466,12 @@ impl TrainArgs {
         }
         if self.no_std {
             u.advantage.scale_by_std = false;
+        }
+        if self.no_prefix_sharing {
+            u.prefix_sharing = false;
+        }
+        if self.no_packing {
+            u.packing = false;
         }
         let g = &mut f.generator;
         set!(self.prompts_per_batch => g.prompts_per_batch);
