@@ -294,15 +294,7 @@ impl Learner {
 
     /// Clips and applies one accumulated gradient; false when it was skipped as non-finite.
     fn apply(&mut self, grad: BatchGradient, stats: &mut StepStats) -> Result<bool> {
-        let mut sq = 0f64;
-        for g in grad.grads.iter().flatten() {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-        }
-        let norm = sq.sqrt();
+        let norm = AdamW::grad_norm(grad.grads.iter().flatten())?;
         stats.grad_norm = norm;
         stats.lr = self.cfg.optim.lr_at(self.version);
         if !(norm.is_finite() && grad.loss.is_finite()) {
@@ -327,12 +319,12 @@ impl Learner {
         let mut store = GradStore::default();
         for ((_, var), g) in self.model.vars().iter().zip(grad.grads) {
             if let Some(g) = g {
-                let g = if scale == 1.0 { g } else { (g * scale)? };
                 store.insert(var.as_tensor(), g);
             }
         }
         self.opt.set_learning_rate(stats.lr);
-        self.opt.step(&store)?;
+        // The clipping scale is applied inside the optimizer's one pass over each tensor.
+        self.opt.step_scaled(&store, scale)?;
         self.version += 1;
         Ok(true)
     }
