@@ -20,6 +20,7 @@ mod logprobs;
 pub mod ops;
 mod packed;
 mod plan;
+pub mod qgemm;
 mod quant;
 mod sampling;
 mod tokenizer;

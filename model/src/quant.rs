@@ -1,13 +1,16 @@
 //! 8-bit (and 4-bit) behavior weights: the decoder's linear layers re-quantized from the
-//! current f32 weights for the rollout path, through candle's quantized matmul.
+//! current f32 weights for the rollout path. Q8_0 on the CPU runs the batched kernel of
+//! [`crate::qgemm`] (the same quantization as candle's, a weight block loaded once per tile of
+//! rows); other formats and devices run candle's quantized matmul.
 //!
 //! The learner keeps f32; a quantized decoder is a read-only copy built by
 //! [`crate::Decoder::quantized`] whenever new weights arrive. Its log-probs are those of the
 //! model that samples, so the off-policy corrections stay exact.
 
 use crate::error::{ModelError, Result};
+use crate::qgemm::Q8Matrix;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -68,6 +71,8 @@ impl std::str::FromStr for WeightFormat {
 pub(crate) enum Lin {
     Dense(Tensor),
     Quant(Arc<QMatMul>),
+    /// Q8_0 on the CPU, for [`crate::qgemm`]'s batched kernel.
+    Q8(Arc<Q8Matrix>),
 }
 
 impl Lin {
@@ -81,6 +86,11 @@ impl Lin {
         if k % dtype.block_size() != 0 {
             return Ok(self.clone());
         }
+        if format == WeightFormat::Q8_0 && w.device().is_cpu() {
+            let (n, k) = w.dims2()?;
+            let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(Lin::Q8(Arc::new(Q8Matrix::quantize(&data, n, k)?)));
+        }
         let q = QTensor::quantize(w, dtype)?;
         Ok(Lin::Quant(Arc::new(QMatMul::from_qtensor(q)?)))
     }
@@ -90,6 +100,12 @@ impl Lin {
         Ok(match self {
             Lin::Dense(w) => x.matmul(&w.t()?)?,
             Lin::Quant(q) => q.forward(x)?,
+            Lin::Q8(q) => {
+                let (m, _) = x.dims2()?;
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let y = q.matmul_t(&xs, m)?;
+                Tensor::from_vec(y, (m, q.out_dim()), x.device())?.to_dtype(x.dtype())?
+            }
         })
     }
 
@@ -101,6 +117,7 @@ impl Lin {
                 QMatMul::QTensor(t) => t.shape().dims2()?.0,
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dim(0)?,
             },
+            Lin::Q8(q) => q.out_dim(),
         })
     }
 }
