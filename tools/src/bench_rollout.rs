@@ -86,8 +86,9 @@ pub struct BenchRolloutArgs {
     /// [default: full@q8_0 and random, contiguous, calibrated (f32 and q8_0) at 0.09, 0.2, 0.33].
     #[arg(long, value_name = "LIST")]
     pub behaviors: Vec<String>,
-    /// Batch sizes of the speed measurement (prompts decoded together).
-    #[arg(long, value_delimiter = ',', value_name = "B,B,...", default_values_t = [1usize, 8])]
+    /// Batch sizes of the speed measurement (prompts decoded together); 32 is the default
+    /// training batch (8 prompts × G = 4).
+    #[arg(long, value_delimiter = ',', value_name = "B,B,...", default_values_t = [1usize, 8, 32])]
     pub batches: Vec<usize>,
     /// Tokens each prompt decodes in the speed measurement (no early stop).
     #[arg(long, value_name = "N", default_value_t = 64)]
