@@ -220,7 +220,7 @@ fn print_report(r: &OverlapReport) {
     );
 }
 
-fn read_lines(path: &Path) -> Result<Vec<serde_json::Value>> {
+pub(crate) fn read_lines(path: &Path) -> Result<Vec<serde_json::Value>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("while reading {}", path.display()))?;
     Ok(text
@@ -229,13 +229,13 @@ fn read_lines(path: &Path) -> Result<Vec<serde_json::Value>> {
         .collect())
 }
 
-fn spans(v: &serde_json::Value) -> Vec<Span> {
+pub(crate) fn spans(v: &serde_json::Value) -> Vec<Span> {
     v.get("spans")
         .and_then(|s| serde_json::from_value(s.clone()).ok())
         .unwrap_or_default()
 }
 
-fn f(v: &serde_json::Value, key: &str) -> f64 {
+pub(crate) fn f(v: &serde_json::Value, key: &str) -> f64 {
     v.get(key)
         .and_then(serde_json::Value::as_f64)
         .unwrap_or(0.0)

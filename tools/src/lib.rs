@@ -6,6 +6,7 @@
 //! are run; the modes (`local`, `sync`, `async`) are wiring, and that wiring lives here.
 
 pub mod assets;
+pub mod bench_behaviors;
 pub mod bench_overlap;
 pub mod bench_ring;
 pub mod bench_rollout;

@@ -3,8 +3,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tools::{
-    assets, bench_overlap, bench_ring, bench_rollout, bench_train, calibrate, eval, lm, score,
-    train,
+    assets, bench_behaviors, bench_overlap, bench_ring, bench_rollout, bench_train, calibrate,
+    eval, lm, score, train,
 };
 
 /// Reinforced fine-tuning with nested (layer-skipping) behavior models.
@@ -56,8 +56,13 @@ enum Bench {
     /// ideal bound, idle fractions and a timeline picture.
     #[command(long_about = bench_overlap::LONG_ABOUT)]
     Overlap(Box<bench_overlap::BenchOverlapArgs>),
+    /// Training runs that differ in their behavior (weights, plan, consistency term, seed),
+    /// one after another: seconds per step, reward against wall-clock time, KL(μ‖π), skip
+    /// sets and the final model's accuracy.
+    #[command(long_about = bench_behaviors::LONG_ABOUT)]
+    Behaviors(Box<bench_behaviors::BenchBehaviorsArgs>),
     /// Behaviors (a layer plan × a weight format) against the full-depth f32 model: decode
-    /// tokens/s and speedup at batch 1 and 8 (measured in the same run as the baseline), the
+    /// tokens/s and speedup at batch 1, 8 and 32 (measured in the same run as the baseline), the
     /// ideal speedup, the KL to the full model and greedy accuracy, with a KL-vs-speedup plot.
     #[command(long_about = bench_rollout::LONG_ABOUT)]
     Rollout(Box<bench_rollout::BenchRolloutArgs>),
@@ -84,6 +89,7 @@ fn main() -> Result<()> {
         Command::Bench(Bench::Ring(args)) => bench_ring::run_ring(&args),
         Command::Bench(Bench::Weights(args)) => bench_ring::run_weights(&args),
         Command::Bench(Bench::Overlap(args)) => bench_overlap::run(*args),
+        Command::Bench(Bench::Behaviors(args)) => bench_behaviors::run(*args),
         Command::Bench(Bench::Rollout(args)) => bench_rollout::run(*args),
         Command::Bench(Bench::RingPeer(args)) => bench_ring::run_ring_peer(&args),
         Command::Bench(Bench::Train(args)) => bench_train::run(&args),

@@ -70,15 +70,31 @@ pub fn reward_curve(path: &Path, title: &str, points: &[(u64, f64, f64)]) -> Res
 /// Plots several runs' mean reward per step (`(label, [(step, reward)])`) on one chart: each
 /// run's raw reward thin, its trailing mean thick, in the run's colour.
 pub fn reward_curves(path: &Path, title: &str, curves: &[(String, Vec<(u64, f64)>)]) -> Result<()> {
+    let curves: Vec<(String, Vec<(f64, f64)>)> = curves
+        .iter()
+        .map(|(label, points)| {
+            let points = points.iter().map(|&(s, r)| (s as f64, r)).collect();
+            (label.clone(), points)
+        })
+        .collect();
+    reward_curves_over(path, title, "step", &curves)
+}
+
+/// Plots several runs' mean reward against `x` (a step, or seconds: `(label, [(x, reward)])`)
+/// on one chart: each run's raw reward thin, its trailing mean thick, in the run's colour.
+pub fn reward_curves_over(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    curves: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("while drawing {}: {e}", path.display());
     let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let last = curves
         .iter()
         .flat_map(|(_, c)| c.iter().map(|p| p.0))
-        .max()
-        .unwrap_or(1)
-        .max(1);
+        .fold(1.0f64, f64::max);
     let top = curves
         .iter()
         .flat_map(|(_, c)| c.iter().map(|p| p.1))
@@ -88,11 +104,12 @@ pub fn reward_curves(path: &Path, title: &str, curves: &[(String, Vec<(u64, f64)
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d(0u64..last, 0.0..top * 1.05)
+        .build_cartesian_2d(0.0..last, 0.0..top * 1.05)
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(x_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("mean reward per batch")
         .draw()
         .map_err(|e| err(&e))?;
@@ -100,6 +117,11 @@ pub fn reward_curves(path: &Path, title: &str, curves: &[(String, Vec<(u64, f64)
         RGBColor(31, 119, 180),
         RGBColor(214, 39, 40),
         RGBColor(44, 160, 44),
+        RGBColor(255, 127, 14),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
     ];
     for (i, (label, points)) in curves.iter().enumerate() {
         let c = colours[i % colours.len()];
@@ -128,7 +150,7 @@ pub fn reward_curves(path: &Path, title: &str, curves: &[(String, Vec<(u64, f64)
 }
 
 /// The mean of each point's last `TREND` values (fewer at the start).
-fn trailing_mean(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
+fn trailing_mean<X: Copy>(points: &[(X, f64)]) -> Vec<(X, f64)> {
     points
         .iter()
         .enumerate()
