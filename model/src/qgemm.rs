@@ -412,6 +412,7 @@ unsafe fn scale2(p: *const f32) -> std::arch::x86_64::__m512 {
 /// `a.cols == w.cols`, `out` is `a.rows × w.rows` and no other task writes the tile's elements.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // tile indices name registers: clearer than iterators
 unsafe fn tile_vnni<const R: usize, const C: usize>(
     w: &Q8Rows,
     a: &Q8Rows,
@@ -427,7 +428,7 @@ unsafe fn tile_vnni<const R: usize, const C: usize>(
     let mut acc = [[_mm512_setzero_ps(); C]; R];
     let (wq, wd) = (w.q.as_ptr(), w.d.as_ptr());
     let (aq, ad) = (a.q.as_ptr(), a.d.as_ptr());
-    // SAFETY (every pointer below): column c0 + j < w.rows and row r0 + i < a.rows (the
+    // SAFETY: every pointer below is in bounds: column c0 + j < w.rows and row r0 + i < a.rows (the
     // caller's bounds), each row is k = 2·BLOCK·pairs (+ BLOCK) bytes with kb scales, and
     // `off + 64 <= k` for a pair, `off + 32 <= k` for the masked last block, whose masked load
     // reads only its 32 bytes; the scale indices are blocks < kb of those rows.
@@ -497,6 +498,7 @@ unsafe fn tile_vnni<const R: usize, const C: usize>(
 /// The CPU must have AVX2 and FMA; bounds as for [`tile_vnni`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // tile indices name registers: clearer than iterators
 unsafe fn tile_avx2<const R: usize, const C: usize>(
     w: &Q8Rows,
     a: &Q8Rows,
@@ -511,7 +513,7 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let (wq, wd) = (w.q.as_ptr(), w.d.as_ptr());
     let (aq, ad) = (a.q.as_ptr(), a.d.as_ptr());
-    // SAFETY (every pointer below): column c0 + j < w.rows and row r0 + i < a.rows, each row
+    // SAFETY: every pointer below is in bounds: column c0 + j < w.rows and row r0 + i < a.rows, each row
     // k bytes with kb scales, off + 32 <= k and b < kb.
     unsafe {
         for b in 0..kb {

@@ -228,7 +228,7 @@ pub fn run(args: BenchBehaviorsArgs) -> Result<()> {
             }
         }
         let eval_file = dir.join("eval.json");
-        if !args.no_eval && !(args.reuse && eval_file.is_file()) {
+        if !(args.no_eval || args.reuse && eval_file.is_file()) {
             eprintln!(
                 "bench behaviors: evaluating `{}` on {}",
                 spec.name,
