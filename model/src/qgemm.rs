@@ -454,6 +454,8 @@ unsafe fn tile_vnni<const R: usize, const C: usize>(
                 }
             }
         }
+        // The odd last block repeats the pair loop with masked loads and one scale: folding
+        // both into one loop with a mask and a scale branch per pair measured 12 % slower.
         if kb % 2 == 1 {
             let off = (kb - 1) * BLOCK;
             let low: __mmask64 = 0xFFFF_FFFF;

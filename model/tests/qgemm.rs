@@ -23,6 +23,19 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// `x @ w^T` through candle's Q8_0 quantized matmul.
+fn candle_q8_matmul_t(w: Vec<f32>, x: Vec<f32>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+    let qm = QMatMul::from_qtensor(QTensor::quantize(&wt, GgmlDType::Q8_0).unwrap()).unwrap();
+    let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
+    qm.forward(&xt)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 fn kernels() -> Vec<Q8Kernel> {
     [Q8Kernel::Avx512Vnni, Q8Kernel::Avx2, Q8Kernel::Scalar]
         .into_iter()
@@ -146,16 +159,7 @@ fn non_finite_inputs_propagate_as_in_candles_path() {
         .unwrap()
         .matmul_t(&x, m)
         .unwrap();
-    let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-    let qm = QMatMul::from_qtensor(QTensor::quantize(&wt, GgmlDType::Q8_0).unwrap()).unwrap();
-    let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
-    let theirs: Vec<f32> = qm
-        .forward(&xt)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let theirs = candle_q8_matmul_t(w, x, m, k, n);
     for (i, (&o, &t)) in ours.iter().zip(&theirs).enumerate() {
         assert_eq!(
             o.is_finite(),
@@ -219,16 +223,7 @@ fn close_to_candles_quantized_matmul_at_the_training_batch() {
         .unwrap()
         .matmul_t(&x, m)
         .unwrap();
-    let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-    let qm = QMatMul::from_qtensor(QTensor::quantize(&wt, GgmlDType::Q8_0).unwrap()).unwrap();
-    let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
-    let theirs: Vec<f32> = qm
-        .forward(&xt)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let theirs = candle_q8_matmul_t(w, x, m, k, n);
     let scale = theirs.iter().map(|v| v.abs()).fold(0f32, f32::max);
     for (o, t) in ours.iter().zip(&theirs) {
         assert!((o - t).abs() <= 1e-5 * scale, "{o} against candle's {t}");

@@ -210,22 +210,15 @@ pub fn run(args: BenchBehaviorsArgs) -> Result<()> {
                 std::fs::remove_dir_all(&dir)
                     .with_context(|| format!("while clearing {}", dir.display()))?;
             }
-            let status = Command::new(&exe)
+            let mut train = Command::new(&exe);
+            train
                 .arg("train")
                 .args(["--mode", &args.mode, "--steps", &args.steps.to_string()])
                 .arg("--output-dir")
                 .arg(&dir)
                 .args(&args.train_args)
-                .args(&spec.flags)
-                .status()
-                .with_context(|| format!("while starting the run `{}`", spec.name))?;
-            if !status.success() {
-                bail!(
-                    "the run `{}` failed ({status}); see {}",
-                    spec.name,
-                    dir.display()
-                );
-            }
+                .args(&spec.flags);
+            run_child(train, &format!("the run `{}`", spec.name), &dir)?;
         }
         let eval_file = dir.join("eval.json");
         if !(args.no_eval || args.reuse && eval_file.is_file()) {
@@ -234,23 +227,15 @@ pub fn run(args: BenchBehaviorsArgs) -> Result<()> {
                 spec.name,
                 sets.join(", ")
             );
-            let status = Command::new(&exe)
-                .arg("eval")
+            let mut eval = Command::new(&exe);
+            eval.arg("eval")
                 .arg("--checkpoint")
                 .arg(&dir)
                 .args(["--dataset", &sets.join(",")])
                 .args(["--limit", &args.eval_limit.to_string()])
                 .arg("--output")
-                .arg(&eval_file)
-                .status()
-                .with_context(|| format!("while evaluating the run `{}`", spec.name))?;
-            if !status.success() {
-                bail!(
-                    "the evaluation of `{}` failed ({status}); see {}",
-                    spec.name,
-                    dir.display()
-                );
-            }
+                .arg(&eval_file);
+            run_child(eval, &format!("the evaluation of `{}`", spec.name), &dir)?;
         }
         let mut r = measure(&dir, spec)?;
         if !args.no_eval {
@@ -272,6 +257,19 @@ pub fn run(args: BenchBehaviorsArgs) -> Result<()> {
     print!("{}", render_table(&report));
     println!("report:  {}", json.display());
     println!("rewards: {}", chart.display());
+    Ok(())
+}
+
+/// Runs `cmd` to its end; a failure names `what` and the directory to look in.
+fn run_child(mut cmd: Command, what: &str, dir: &Path) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("while starting {what}"))?;
+    ensure!(
+        status.success(),
+        "{what} failed ({status}); see {}",
+        dir.display()
+    );
     Ok(())
 }
 
