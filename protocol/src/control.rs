@@ -57,6 +57,15 @@ pub enum Message {
         /// trained no tokens). The adaptive plan strategy steers by it.
         kl_behavior: f64,
     },
+    /// The rollout server loaded weight version `version` and scored the fixed probe
+    /// completion with the model it samples from (re-quantized for an 8-bit behavior): the
+    /// per-token log-probs, for the learner to compare with its own of that version.
+    Probe {
+        /// The version the server loaded.
+        version: u64,
+        /// Log-probs of the probe completion's tokens.
+        logprobs: Vec<f32>,
+    },
     /// Stop after the current step.
     Shutdown,
     /// The sender failed; human-readable reason.

@@ -15,6 +15,7 @@ pub mod calibrate;
 pub mod eval;
 pub mod lm;
 pub mod modelargs;
+pub mod probe;
 pub mod score;
 pub mod service;
 pub mod train;

@@ -369,6 +369,90 @@ fn sync_mode_gives_the_weights_of_local_mode() {
     assert!(worst <= 1e-6, "max |Δw| = {worst}");
 }
 
+#[test]
+fn the_8bit_behavior_follows_the_learners_weights_in_local_and_sync_modes() {
+    // After every update the behavior is re-quantized from the new f32 weights: the log-probs of
+    // a fixed probe under the behavior that samples equal those of a fresh re-quantization of
+    // the learner's weights of the same version (the learner compares them and writes each
+    // comparison in its metrics). The updates move the probe by far more than the tolerance, so
+    // a behavior left on older weights would be caught.
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["local", "sync"] {
+        let out = dir.path().join(mode);
+        let o = Command::new(CLI)
+            .args(["train", "--mode", mode, "--steps", "3", "--seed", "11"])
+            .args([
+                "--prompts-per-batch",
+                "4",
+                "-g",
+                "4",
+                "--max-new-tokens",
+                "32",
+            ])
+            .args([
+                "--temperature",
+                "0.7",
+                "--lr",
+                "1e-4",
+                "--checkpoint-every",
+                "0",
+            ])
+            .args(["--behavior-weights", "q8_0"])
+            .args(["--learner-threads", "1", "--server-threads", "1"])
+            .arg("--output-dir")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{mode}: {stderr}");
+        let steps = step_lines(&out.join("metrics.jsonl"));
+        let mut probes: Vec<(u64, f64, f64)> = Vec::new();
+        for l in &steps {
+            for p in l["probes"].as_array().unwrap() {
+                let diff = p["max_abs_diff"].as_f64().unwrap();
+                let version = p["version"].as_u64().unwrap();
+                assert!(
+                    diff <= 1e-3,
+                    "{mode}: version {version}: probe differs by {diff}: {p}"
+                );
+                assert!(
+                    p["learner_logprob"].as_f64().unwrap().is_finite(),
+                    "{mode}: {p}"
+                );
+                probes.push((version, p["learner_logprob"].as_f64().unwrap(), diff));
+            }
+        }
+        probes.sort_by_key(|p| p.0);
+        let versions: Vec<u64> = probes.iter().map(|p| p.0).collect();
+        let last = steps.last().unwrap()["update"]["version"].as_u64().unwrap();
+        assert!(
+            last >= 2,
+            "{mode}: only {last} updates; the check would be weak"
+        );
+        // Every version the behavior sampled with was checked (in sync mode the probe of the
+        // version trained last arrives after the last metrics line).
+        let want: Vec<u64> = (0..last).collect();
+        for v in &want {
+            assert!(
+                versions.contains(v),
+                "{mode}: version {v} unchecked: {versions:?}"
+            );
+        }
+        let first = probes.first().unwrap().1;
+        let moved = probes
+            .iter()
+            .map(|p| (p.1 - first).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            moved > 1e-2,
+            "{mode}: the updates moved the probe by only {moved}: {probes:?}"
+        );
+        if mode == "local" {
+            assert!(!stderr.contains("does not match"), "{stderr}");
+        }
+    }
+}
+
 /// Listens on a NOTIFY_SOCKET; returns what was received.
 fn notify_socket(dir: &Path) -> (UnixDatagram, PathBuf) {
     let path = dir.join("notify.sock");

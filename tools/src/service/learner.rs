@@ -5,6 +5,7 @@ use super::{
     nap, ring_descriptor, stopping, unix_now, write_atomic, JsonLines, Notifier, Paths,
     ServiceArgs, Span, Timeline,
 };
+use crate::probe::{Probe, ProbeCheck, ProbeLedger};
 use crate::train::TrainFile;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -63,6 +64,11 @@ struct StepLine<'a> {
     publish_s: f64,
     /// Seconds writing a checkpoint (0 when none this step).
     checkpoint_s: f64,
+    /// Seconds scoring the weight probe with the published weights.
+    probe_s: f64,
+    /// The rollout server's probes compared with the learner's since the last line: the
+    /// behavior it samples from against the learner's weights of the same version.
+    probes: Vec<ProbeCheck>,
     /// Records quarantined by the ring so far.
     quarantined_total: u64,
     /// Records of batches already handed on, dropped so far.
@@ -94,6 +100,8 @@ struct ControlLink {
     relisten: mpsc::Sender<()>,
     conn: Option<protocol::control::Connection>,
     version: Arc<AtomicU64>,
+    /// The server's weight probes received and not yet taken: (version, log-probs).
+    probes: Vec<(u64, Vec<f32>)>,
 }
 
 impl ControlLink {
@@ -141,6 +149,7 @@ impl ControlLink {
             relisten,
             conn: None,
             version,
+            probes: Vec::new(),
         })
     }
 
@@ -167,6 +176,9 @@ impl ControlLink {
             loop {
                 match c.recv(Duration::ZERO) {
                     Ok(Message::Shutdown) => shutdown = true,
+                    Ok(Message::Probe { version, logprobs }) => {
+                        self.probes.push((version, logprobs))
+                    }
                     Ok(Message::Error { message }) => warn!("the rollout server failed: {message}"),
                     Ok(_) => {}
                     Err(ControlError::Timeout(_)) => break,
@@ -313,6 +325,13 @@ fn run(
         "published the weights (generation {})",
         writer.generation()
     );
+    let probe = Probe::new(&tokenizer)?;
+    let format = cfg.plan.weight_format()?;
+    let mut probes = ProbeChecks::default();
+    probes.learner(
+        learner.version(),
+        probe.score_as_behavior(learner.model(), format)?,
+    );
 
     let version = Arc::new(AtomicU64::new(learner.version()));
     let hello = Hello {
@@ -335,6 +354,7 @@ fn run(
             return Ok(());
         }
         control.poll()?;
+        probes.take_from(&mut control);
         if control.conn.is_some() {
             match protocol::RolloutRing::open(dir, &paths.name, desc) {
                 Ok(c) => break c,
@@ -375,6 +395,7 @@ fn run(
     let mut ready: Vec<AssembledBatch> = Vec::new();
     while !(stopping(stop) || shutdown_asked || (steps > 0 && step >= steps)) {
         shutdown_asked = control.poll()?;
+        probes.take_from(&mut control);
         notifier.alive();
         if ready.is_empty() {
             // Polled with short naps rather than the ring's spinning wait: while the learner
@@ -432,10 +453,18 @@ fn run(
             step += 1;
         }
         let mut publish_s = 0.0;
+        let mut probe_s = 0.0;
         if learner.version() != version_before {
             publish(&mut writer, &bridge, &learner)?;
             publish_s = unix_now() - t;
             timeline.push("publish", t, unix_now());
+            let t = unix_now();
+            probes.learner(
+                learner.version(),
+                probe.score_as_behavior(learner.model(), format)?,
+            );
+            probe_s = unix_now() - t;
+            timeline.push("probe", t, unix_now());
         }
         control.set_version(learner.version());
         control.send(Message::Trained {
@@ -486,6 +515,8 @@ fn run(
             wait_s: waited,
             publish_s,
             checkpoint_s,
+            probe_s,
+            probes: std::mem::take(&mut probes.done),
             quarantined_total: ring.quarantined_total(),
             duplicate_records,
             spans: timeline.take(),
@@ -528,6 +559,50 @@ fn run(
         info!(step, "stopped");
     }
     Ok(())
+}
+
+/// The probes of both sides, paired by version; mismatches are logged as they complete.
+#[derive(Default)]
+struct ProbeChecks {
+    ledger: ProbeLedger,
+    /// Comparisons completed since the last metrics line.
+    done: Vec<ProbeCheck>,
+}
+
+impl ProbeChecks {
+    fn learner(&mut self, version: u64, logprobs: Vec<f32>) {
+        let check = self.ledger.learner(version, logprobs);
+        self.completed(check);
+    }
+
+    fn take_from(&mut self, control: &mut ControlLink) {
+        for (version, logprobs) in std::mem::take(&mut control.probes) {
+            let check = self.ledger.behavior(version, logprobs);
+            self.completed(check);
+        }
+    }
+
+    fn completed(&mut self, check: Option<ProbeCheck>) {
+        let Some(c) = check else { return };
+        if c.matches() {
+            tracing::debug!(
+                version = c.version,
+                max_abs_diff = c.max_abs_diff,
+                "weight probe matches"
+            );
+        } else {
+            warn!(
+                version = c.version,
+                max_abs_diff = c.max_abs_diff,
+                "the rollout server's behavior does not match the learner's weights of version {}: \
+                 its log-probs of the probe differ by {:.3e} (tolerance {:.0e})",
+                c.version,
+                c.max_abs_diff,
+                crate::probe::PROBE_TOLERANCE
+            );
+        }
+        self.done.push(c);
+    }
 }
 
 fn publish(writer: &mut Writer, bridge: &WeightBridge, learner: &Learner) -> Result<()> {

@@ -6,6 +6,7 @@ use super::{
     nap, ring_descriptor, stopping, unix_now, write_atomic, JsonLines, Notifier, Paths,
     ServiceArgs, Span, Timeline,
 };
+use crate::probe::Probe;
 use crate::train::TrainFile;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -51,8 +52,10 @@ struct BatchLine<'a> {
     /// Seconds waiting because the server was `max_staleness` batches ahead (or had no
     /// weights, or no learner).
     wait_s: f64,
-    /// Seconds copying new weights out of the store.
+    /// Seconds copying new weights out of the store (and re-quantizing them).
     load_s: f64,
+    /// Seconds scoring the weight probe after a load.
+    probe_s: f64,
     /// Seconds pushing the records.
     push_s: f64,
     /// Batches pushed but not yet trained, after this one.
@@ -81,6 +84,17 @@ enum Event {
 }
 
 impl ControlLink {
+    /// Sends a message when connected; a failed send drops the connection (the next `poll`
+    /// reconnects when the learner is back).
+    fn send(&mut self, msg: Message) {
+        if let Some(c) = &self.conn {
+            if let Err(e) = c.send(msg) {
+                warn!("lost the control channel to the learner ({e})");
+                self.conn = None;
+            }
+        }
+    }
+
     /// Tries to (re)connect when disconnected; returns what happened since the last call.
     fn poll(&mut self, next_batch: u64, policy_version: u64) -> Result<Vec<Event>> {
         let mut out = Vec::new();
@@ -162,6 +176,7 @@ fn run(
     let num_layers = model_cfg.num_layers;
     drop(loaded.decoder);
     let format = cfg.plan.weight_format()?;
+    let probe = Probe::new(&loaded.tokenizer)?;
     let mut generator = cfg.generator(
         &crate::train::ModelSource {
             path: &model_args.existing_path()?,
@@ -364,6 +379,7 @@ fn run(
         let generation = reader.writer_generation();
         let latest = reader.latest_version();
         let mut load_s = 0.0;
+        let mut probe_s = 0.0;
         if model
             .as_ref()
             .is_none_or(|m| (m.0, m.1 + 1) != (generation, latest))
@@ -386,9 +402,15 @@ fn run(
                     .quantized(q)
                     .context("while quantizing the behavior's weights")?,
             };
-            model = Some((generation, version, decoder));
             load_s = unix_now() - t;
             timeline.push("load", t, unix_now());
+            // Proof for the learner that this behavior is its version `version`.
+            let t = unix_now();
+            let logprobs = probe.score(&decoder)?;
+            control.send(Message::Probe { version, logprobs });
+            probe_s = unix_now() - t;
+            timeline.push("probe", t, unix_now());
+            model = Some((generation, version, decoder));
         }
         let Some((_, policy_version, decoder)) = model.as_ref() else {
             continue;
@@ -451,6 +473,7 @@ fn run(
             generation: &batch.stats,
             wait_s: wait_end - wait_start,
             load_s,
+            probe_s,
             push_s,
             in_flight,
             spans: timeline.take(),

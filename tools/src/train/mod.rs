@@ -8,6 +8,7 @@ pub mod procs;
 
 pub use config::{load_config_file, Mode, ModelSource, TrainArgs, TrainConfig, TrainFile};
 
+use crate::probe::{Probe, ProbeCheck};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use learner::{Learner, StepStats};
@@ -36,6 +37,9 @@ struct MetricsLine<'a> {
     step_s: f64,
     generation: &'a GenerationStats,
     update: &'a StepStats,
+    /// An 8-bit behavior's weight probe against a fresh re-quantization of the learner's
+    /// weights of the batch's version (none for an f32 behavior, which is the learner's model).
+    probes: Vec<ProbeCheck>,
 }
 
 /// Runs `train`.
@@ -97,6 +101,7 @@ fn train(cfg: &TrainConfig) -> Result<()> {
         |s| eprintln!("warning: {s}"),
     )?;
     let format = f.plan.weight_format()?;
+    let probe = Probe::new(&tokenizer)?;
     let reference = if f.update.kl_coef > 0.0 {
         Some(model_args.load()?.decoder)
     } else {
@@ -147,6 +152,26 @@ fn train(cfg: &TrainConfig) -> Result<()> {
                 learner.version(),
             )
             .with_context(|| format!("while generating batch {step}"))?;
+        let probes = match &behavior {
+            Some(b) => {
+                let check = ProbeCheck::compare(
+                    learner.version(),
+                    &probe.score_as_behavior(learner.model(), format)?,
+                    &probe.score(b)?,
+                );
+                if !check.matches() {
+                    bar.suspend(|| {
+                        eprintln!(
+                            "warning: the behavior does not match the learner's weights of \
+                             version {}: its probe log-probs differ by {:.3e}",
+                            check.version, check.max_abs_diff
+                        )
+                    });
+                }
+                vec![check]
+            }
+            None => Vec::new(),
+        };
         drop(behavior);
         let stats = learner
             .step(&batch.groups)
@@ -180,6 +205,7 @@ fn train(cfg: &TrainConfig) -> Result<()> {
             step_s: t0.elapsed().as_secs_f64(),
             generation: &batch.stats,
             update: &stats,
+            probes,
         };
         serde_json::to_writer(&mut metrics, &line)?;
         metrics.write_all(b"\n")?;
