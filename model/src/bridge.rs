@@ -130,6 +130,18 @@ impl WeightBridge {
         Weights::new(tensors, DType::F32, device)
     }
 
+    /// A checksum of `decoder`'s parameters: the sum, in f64 and manifest order, of each
+    /// parameter's element sum. The same weights on the same device give the same value (the
+    /// same reductions over the same bits): the GPU check compares the learner's checksum of
+    /// a version with the rollout server's of what it loaded from the device slots.
+    pub fn checksum(&self, decoder: &Decoder) -> Result<f64> {
+        let mut sum = 0.0;
+        for (_, t) in decoder.named_parameters() {
+            sum += t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        Ok(sum)
+    }
+
     /// Reads the parameters from `slot` and builds a (frozen) decoder from them.
     pub fn decoder(&self, slot: &[u8], device: &Device) -> Result<Decoder> {
         Decoder::new(&self.cfg, &self.read(slot, device)?, false)

@@ -96,6 +96,10 @@ pub enum ModelError {
     /// The chat template failed to render.
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    /// The device named cannot be used (unknown name, no CUDA in this build, no driver or
+    /// no such GPU).
+    #[error("{0}")]
+    Device(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

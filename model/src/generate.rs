@@ -104,16 +104,59 @@ struct Row {
     sampler: Sampler,
 }
 
+/// Where each step's tokens are drawn from the logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrawSite {
+    /// On the host: the logits are copied over and each row's [`Sampler`] draws.
+    Host,
+    /// On the model's device ([`crate::draw`]): only the chosen ids and log-probs are copied
+    /// to the host. Truncated sampling (top-p, top-k) is drawn on the host all the same.
+    Device,
+}
+
+impl DrawSite {
+    /// The device for a model off the CPU, where copying the logits would cost a transfer per
+    /// step; the host on the CPU, where the logits already are.
+    pub fn for_model(model: &Decoder) -> Self {
+        if model.device().is_cpu() {
+            Self::Host
+        } else {
+            Self::Device
+        }
+    }
+}
+
 /// Generates `cfg.group_size` completions for each prompt with the layers of `plan`.
 ///
 /// Prompts are left-padded and prefilled once; the cache is then repeated for the G samples,
 /// and finished rows are dropped from the batch as they end. Stop strings need `tokenizer`.
+/// Tokens are drawn where [`DrawSite::for_model`] says.
 pub fn generate(
     model: &Decoder,
     prompts: &[Vec<u32>],
     plan: &LayerPlan,
     cfg: &GenerationConfig,
     tokenizer: Option<&Tokenizer>,
+) -> Result<GenerationOutput> {
+    generate_drawing_at(
+        model,
+        prompts,
+        plan,
+        cfg,
+        tokenizer,
+        DrawSite::for_model(model),
+    )
+}
+
+/// As [`generate`], drawing the tokens at `site`. Each sequence keeps its own random stream
+/// at either site, so both draw the same tokens up to float summation order.
+pub fn generate_drawing_at(
+    model: &Decoder,
+    prompts: &[Vec<u32>],
+    plan: &LayerPlan,
+    cfg: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    site: DrawSite,
 ) -> Result<GenerationOutput> {
     cfg.sampling.validate()?;
     if prompts.is_empty() {
@@ -200,12 +243,22 @@ pub fn generate(
             Sampler::new(cfg.sampling, seed).map(|sampler| Row { index: i, sampler })
         })
         .collect::<Result<_>>()?;
+    let truncated = !matches!(cfg.sampling, Sampling::Greedy) && !cfg.sampling.is_untruncated();
     for step in 0..cfg.max_new_tokens {
-        let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let draws = match site {
+            DrawSite::Device if !truncated => draw_on_device(&logits, &mut active)?,
+            _ => {
+                let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                active
+                    .iter_mut()
+                    .zip(&rows)
+                    .map(|(row, row_logits)| row.sampler.sample(row_logits))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
         let mut keep = Vec::with_capacity(active.len());
         let mut next = Vec::with_capacity(active.len());
-        for (r, (row, row_logits)) in active.iter_mut().zip(&rows).enumerate() {
-            let (tok, lp) = row.sampler.sample(row_logits)?;
+        for (r, (row, (tok, lp))) in active.iter().zip(draws).enumerate() {
             let c = &mut completions[row.index];
             c.tokens.push(tok);
             c.logprobs.push(lp);
@@ -241,6 +294,38 @@ pub fn generate(
         completions,
         timings,
     })
+}
+
+/// One draw per active row on the logits' device (greedy or untruncated sampling): each row's
+/// uniform comes from its own stream; a row the device cannot draw is drawn on the host from
+/// its copied logits, with the same uniform.
+fn draw_on_device(logits: &Tensor, active: &mut [Row]) -> Result<Vec<(u32, f32)>> {
+    let Some(first) = active.first() else {
+        return Ok(Vec::new());
+    };
+    let inv_t = match first.sampler.sampling() {
+        Sampling::Greedy => {
+            let ids = crate::draw::argmax_rows(logits)?;
+            return Ok(ids.into_iter().map(|id| (id, 0.0)).collect());
+        }
+        Sampling::Sample { temperature, .. } => 1.0 / temperature,
+    };
+    let uniforms: Vec<f64> = active
+        .iter_mut()
+        .map(|r| r.sampler.next_uniform())
+        .collect();
+    let draws = crate::draw::draw_rows(logits, inv_t, &uniforms)?;
+    draws
+        .into_iter()
+        .enumerate()
+        .map(|(r, d)| match d {
+            Some(d) => Ok(d),
+            None => {
+                let row = logits.get(r)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                active[r].sampler.sample_with(&row, uniforms[r])
+            }
+        })
+        .collect()
 }
 
 /// The first stop string the decoded completion now contains, if any. Only the tail that the

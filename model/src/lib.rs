@@ -10,9 +10,13 @@
 //! - [`load_model`] reads a GGUF file or a Hugging Face directory.
 
 mod bridge;
+#[cfg(feature = "cuda")]
+mod bridge_cuda;
 pub mod calibrate;
 mod config;
 mod decoder;
+mod device;
+pub mod draw;
 mod error;
 mod generate;
 mod loading;
@@ -27,12 +31,16 @@ mod tokenizer;
 mod weights;
 
 pub use bridge::WeightBridge;
+#[cfg(feature = "cuda")]
+pub use bridge_cuda::cuda_stream;
 pub use calibrate::{Profile, SkipSet};
 pub use config::{Architecture, HfConfig, ModelConfig, ParamSpec};
 pub use decoder::{Decoder, ForwardCtx, Kernels, KvCache};
+pub use device::DeviceSpec;
 pub use error::{ModelError, Result};
 pub use generate::{
-    generate, Completion, FinishReason, GenerationConfig, GenerationOutput, GenerationTimings,
+    generate, generate_drawing_at, Completion, DrawSite, FinishReason, GenerationConfig,
+    GenerationOutput, GenerationTimings,
 };
 pub use loading::{
     load_gguf, load_hf_dir, load_model, save_pretrained, unpermute_qk, LoadOptions, LoadedModel,

@@ -94,15 +94,31 @@ impl Sampler {
         })
     }
 
+    /// How this sampler chooses tokens.
+    pub fn sampling(&self) -> Sampling {
+        self.sampling
+    }
+
     /// Draws one token from `logits` (one row, length vocab) and returns it with its
     /// log-probability under the distribution sampled from.
     pub fn sample(&mut self, logits: &[f32]) -> Result<(u32, f32)> {
-        if logits.is_empty() {
-            return Err(ModelError::InvalidInput("empty logits".into()));
-        }
-        if let Some(i) = logits.iter().position(|x| x.is_nan()) {
-            return Err(ModelError::InvalidInput(format!("logit {i} is NaN")));
-        }
+        let u = match self.sampling {
+            Sampling::Greedy => 0.0,
+            Sampling::Sample { .. } => self.next_uniform(),
+        };
+        self.sample_with(logits, u)
+    }
+
+    /// The uniform in [0, 1) that the next [`Sampler::sample`] of a tempered draw would use
+    /// (advances the stream). A draw made elsewhere (on the model's device) takes its uniform
+    /// from here, so that each sequence keeps its own stream wherever its tokens are drawn.
+    pub fn next_uniform(&mut self) -> f64 {
+        self.rng.random()
+    }
+
+    /// As [`Sampler::sample`] with the uniform `u` given (ignored by greedy decoding).
+    pub fn sample_with(&self, logits: &[f32], u: f64) -> Result<(u32, f32)> {
+        check_logits(logits)?;
         match self.sampling {
             Sampling::Greedy => {
                 let (best, _) =
@@ -152,7 +168,6 @@ impl Sampler {
                     }
                     cand.truncate(keep);
                 }
-                let u: f64 = self.rng.random();
                 if truncated {
                     draw(cand.iter().copied(), scaled, u)
                 } else {
@@ -161,6 +176,17 @@ impl Sampler {
             }
         }
     }
+}
+
+/// Refuses empty logits and NaN logits.
+fn check_logits(logits: &[f32]) -> Result<()> {
+    if logits.is_empty() {
+        return Err(ModelError::InvalidInput("empty logits".into()));
+    }
+    if let Some(i) = logits.iter().position(|x| x.is_nan()) {
+        return Err(ModelError::InvalidInput(format!("logit {i} is NaN")));
+    }
+    Ok(())
 }
 
 /// Inverse-CDF draw over `support` with weights exp(scaled(i)); `u` is uniform in [0, 1).

@@ -34,6 +34,24 @@ pub struct Hello {
     pub batch_id: Option<u64>,
 }
 
+/// The CUDA IPC handles of the learner's device weight slots (one buffer and one
+/// interprocess event per slot of the weight store): sent by the learner after every handshake,
+/// opened by the rollout server with `cuda::DeviceSlotsView::open` (feature `cuda`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcHandles {
+    /// `CUipcMemHandle` bytes per slot.
+    pub memory: Vec<Vec<u8>>,
+    /// `CUipcEventHandle` bytes per slot.
+    pub events: Vec<Vec<u8>>,
+    /// Bytes per slot (the manifest's total size).
+    pub bytes: u64,
+    /// Hex hash of the manifest the buffers are laid out by.
+    pub manifest_hash: String,
+    /// The weight store's writer generation these buffers belong to: a restarted learner
+    /// allocates new ones, and a server loads a version through handles of its generation only.
+    pub generation: u64,
+}
+
 /// Control messages after the handshake.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -66,6 +84,9 @@ pub enum Message {
         /// Log-probs of the probe completion's tokens.
         logprobs: Vec<f32>,
     },
+    /// The learner's weights live in CUDA device slots: their handles (sent once per
+    /// connection, before the server loads weights; a server without CUDA refuses them).
+    DeviceSlots(IpcHandles),
     /// Stop after the current step.
     Shutdown,
     /// The sender failed; human-readable reason.

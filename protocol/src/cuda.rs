@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUstream};
 use cudarc::driver::DriverError;
-use serde::{Deserialize, Serialize};
 
 use crate::error::PublishSlotError;
 use crate::manifest::Manifest;
@@ -38,12 +37,15 @@ pub enum CudaError {
     /// Received handles do not match the local manifest.
     #[error("IPC handles: {0}")]
     Handles(String),
-    /// No CUDA driver library (libcuda) could be loaded on this machine.
-    #[error("no CUDA driver library found (libcuda)")]
-    NoDriver,
+    /// The CUDA driver is installed but reports no device.
+    #[error("the CUDA driver reports no GPU on this machine")]
+    NoDevice,
     /// The slot index is out of range.
     #[error("slot {slot} out of range ({slots} slots)")]
     BadSlot { slot: u32, slots: u32 },
+    /// Filling a slot failed (the caller's copies).
+    #[error("filling a device slot: {0}")]
+    Fill(String),
 }
 
 /// Publishing to device slots failed; readers keep the previous version.
@@ -58,19 +60,45 @@ pub enum DevicePublishError {
     Cuda(#[from] CudaError),
 }
 
-/// Whether the CUDA driver library can be loaded (checked once per process). The driver API
-/// in dynamic-loading mode would panic on first use without it, so every entry point checks.
+/// Whether a CUDA driver answers with at least one device (checked once per process). The
+/// binaries link the driver library (`libcuda.so.1`) dynamically, so a machine without it stops
+/// the process at start-up, naming the library; here the driver is present and `cuInit` tells
+/// whether it has a device.
 pub fn driver_available() -> bool {
-    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    // SAFETY: is_culib_present only tries to dlopen candidate library names.
-    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+    device_count().is_ok_and(|n| n > 0)
+}
+
+/// Initialises the driver and counts its devices (once per process; later calls return the
+/// first answer).
+pub fn device_count() -> Result<usize, CudaError> {
+    static ANSWER: std::sync::OnceLock<Result<usize, sys::CUresult>> = std::sync::OnceLock::new();
+    let answer = ANSWER.get_or_init(|| {
+        // SAFETY: cuInit takes flags 0 (the only valid value) and may be called repeatedly.
+        let r = unsafe { sys::cuInit(0) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(r);
+        }
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY: `n` is a valid out-pointer; the driver is initialised.
+        let r = unsafe { sys::cuDeviceGetCount(&mut n) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(r);
+        }
+        Ok(usize::try_from(n).unwrap_or(0))
+    });
+    match *answer {
+        Ok(n) => Ok(n),
+        Err(r) => Err(CudaError::Driver {
+            call: "cuInit",
+            source: DriverError(r),
+        }),
+    }
 }
 
 fn require_driver() -> Result<(), CudaError> {
-    if driver_available() {
-        Ok(())
-    } else {
-        Err(CudaError::NoDriver)
+    match device_count()? {
+        0 => Err(CudaError::NoDevice),
+        _ => Ok(()),
     }
 }
 
@@ -79,18 +107,7 @@ fn check(call: &'static str, r: sys::CUresult) -> Result<(), CudaError> {
         .map_err(|source| CudaError::Driver { call, source })
 }
 
-/// Exported handles of every slot: sent once from the learner to the rollout server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IpcHandles {
-    /// `CUipcMemHandle` bytes per slot.
-    pub memory: Vec<Vec<u8>>,
-    /// `CUipcEventHandle` bytes per slot.
-    pub events: Vec<Vec<u8>>,
-    /// Bytes per slot (the manifest's total size).
-    pub bytes: u64,
-    /// Hex hash of the manifest the buffers are laid out by.
-    pub manifest_hash: String,
-}
+pub use crate::control::IpcHandles;
 
 fn handle_bytes(raw: &[std::ffi::c_char; 64]) -> Vec<u8> {
     raw.iter().map(|&c| c as u8).collect()
@@ -165,6 +182,7 @@ impl DeviceSlots {
             events,
             bytes: self.bytes as u64,
             manifest_hash: self.manifest.hash_hex(),
+            generation: 0,
         })
     }
 
@@ -182,8 +200,37 @@ impl DeviceSlots {
         stream: CUstream,
         timeout: Duration,
     ) -> Result<u64, DevicePublishError> {
+        let bytes = self.bytes;
+        let fill = |dst| {
+            // SAFETY: one copy of `bytes` from `src` (the caller's guarantee) into the slot
+            // buffer `dst` (ours, `bytes` long), on `stream`.
+            check("cuMemcpyDtoDAsync", unsafe {
+                sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream)
+            })
+        };
+        // SAFETY: `fill` only enqueues that copy on `stream`, within the slot, reading `src`,
+        // which the caller keeps valid until it completes.
+        unsafe { self.publish_with(writer, None, stream, timeout, fill) }
+    }
+
+    /// As [`Self::publish`], with the copies made by `fill`, which enqueues on `stream` the
+    /// writes of the slot buffer it is given (e.g. one copy per tensor into `dst + offset`),
+    /// under `version` when given (as [`Writer::publish_version`]), else the next one.
+    ///
+    /// # Safety
+    /// `fill` must only enqueue work on `stream`, write within `manifest.total_size()` bytes
+    /// of the pointer it is given, and read only memory that stays valid until that work
+    /// completes; `stream` must belong to the current context.
+    pub unsafe fn publish_with(
+        &self,
+        writer: &mut Writer,
+        version: Option<u64>,
+        stream: CUstream,
+        timeout: Duration,
+        fill: impl FnOnce(CUdeviceptr) -> Result<(), CudaError>,
+    ) -> Result<u64, DevicePublishError> {
         let slots = self.buffers.len() as u32;
-        let r = writer.try_publish_slot(timeout, |slot, _host| -> Result<(), CudaError> {
+        let fill_slot = |slot: u32, _host: &mut [u8]| -> Result<(), CudaError> {
             let (dst, ev) = match (
                 self.buffers.get(slot as usize),
                 self.events.get(slot as usize),
@@ -191,15 +238,16 @@ impl DeviceSlots {
                 (Some(&d), Some(&e)) => (d, e),
                 _ => return Err(CudaError::BadSlot { slot, slots }),
             };
-            // SAFETY: `dst` is our allocation of `bytes`; the caller guarantees `src`; the
-            // store guarantees no reader uses this slot (not current, not pinned).
-            check("cuMemcpyDtoDAsync", unsafe {
-                sys::cuMemcpyDtoDAsync_v2(dst, src, self.bytes, stream)
-            })?;
-            // SAFETY: `ev` is our live event; recording it on `stream` after the copy lets a
-            // reader's cuStreamWaitEvent order its kernels after the copy.
+            // The store guarantees no reader uses this slot (not current, not pinned).
+            fill(dst)?;
+            // SAFETY: `ev` is our live event; recording it on `stream` after the copies lets
+            // a reader's cuStreamWaitEvent order its reads after them.
             check("cuEventRecord", unsafe { sys::cuEventRecord(ev, stream) })
-        });
+        };
+        let r = match version {
+            Some(v) => writer.try_publish_slot_version(v, timeout, fill_slot),
+            None => writer.try_publish_slot(timeout, fill_slot),
+        };
         r.map_err(|e| match e {
             PublishSlotError::Publish(p) => DevicePublishError::Publish(p),
             PublishSlotError::Fill(c) => DevicePublishError::Cuda(c),

@@ -62,4 +62,4 @@ pub use weights::{
 };
 
 /// The layout version announced in the control handshake: bumps when any wire layout changes.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;

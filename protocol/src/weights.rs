@@ -305,6 +305,11 @@ impl Writer {
         self.generation
     }
 
+    /// Slots of the store (device slots mirror them one for one).
+    pub fn slots(&self) -> u32 {
+        self.store.slots
+    }
+
     /// The latest published version (0: none).
     pub fn version(&self) -> u64 {
         // SeqCst: see the module protocol (only this process stores the control word).
@@ -352,6 +357,20 @@ impl Writer {
             return Err(PublishError::BadVersion(version).into());
         }
         self.publish_inner(Some(version), timeout, |_, bytes| fill(bytes))
+    }
+
+    /// Like [`Self::publish_version`], with the slot index given to `fill` as in
+    /// [`Self::try_publish_slot`] (device slots publish the learner's optimizer step).
+    pub fn try_publish_slot_version<E>(
+        &mut self,
+        version: u64,
+        timeout: Duration,
+        fill: impl FnOnce(u32, &mut [u8]) -> Result<(), E>,
+    ) -> Result<u64, PublishSlotError<E>> {
+        if version == 0 || version >= 1 << 56 {
+            return Err(PublishError::BadVersion(version).into());
+        }
+        self.publish_inner(Some(version), timeout, fill)
     }
 
     fn publish_inner<E>(

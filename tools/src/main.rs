@@ -78,6 +78,21 @@ enum Bench {
 }
 
 fn main() -> Result<()> {
+    // Invoked under a service's name (a link to this binary), it is that service: a bundle
+    // for another machine carries one binary instead of three (see tools/gpu-bundle.sh).
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    match invoked_as.as_deref() {
+        Some("nested-reft-learner") => {
+            return tools::service::learner::main(tools::service::learner::LearnerArgs::parse());
+        }
+        Some("nested-reft-rollout-server") => {
+            return tools::service::server::main(tools::service::server::ServerArgs::parse());
+        }
+        _ => {}
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => train::run(*args),

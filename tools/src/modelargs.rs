@@ -4,8 +4,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use model::{
-    AdaptiveConfig, Decoder, LayerPlan, LoadOptions, LoadedModel, ModelConfig, PlanSampler,
-    PlanSpec, PlanStrategy, SkipRatio, Tokenizer, Unit, WeightFormat,
+    AdaptiveConfig, Decoder, DeviceSpec, LayerPlan, LoadOptions, LoadedModel, ModelConfig,
+    PlanSampler, PlanSpec, PlanStrategy, SkipRatio, Tokenizer, Unit, WeightFormat,
 };
 use std::path::Path;
 use std::path::PathBuf;
@@ -19,10 +19,27 @@ pub struct ModelArgs {
     /// Default: SmolLM2-135M-Instruct, fetched into the asset cache on first use.
     #[arg(long, value_name = "PATH", env = "NESTED_REFT_MODEL")]
     pub model: Option<PathBuf>,
+    /// Where the model runs: cpu, or cuda / cuda:N (an NVIDIA GPU, in a build with the `cuda`
+    /// feature) [default: cpu].
+    #[arg(long, value_name = "DEVICE", env = "NESTED_REFT_DEVICE")]
+    pub device: Option<DeviceSpec>,
 }
 
 impl ModelArgs {
-    /// Loads the model (f32 on CPU) with a spinner.
+    /// The model at `model` (the default model when `None`) on `device`.
+    pub fn new(model: Option<PathBuf>, device: DeviceSpec) -> Self {
+        Self {
+            model,
+            device: Some(device),
+        }
+    }
+
+    /// The device named, opened (the CPU when none is).
+    pub fn open_device(&self) -> Result<model::candle_core::Device> {
+        Ok(self.device.unwrap_or_default().open()?)
+    }
+
+    /// Loads the model (f32, on the device named) with a spinner.
     pub fn load(&self) -> Result<LoadedModel> {
         self.load_with(&LoadOptions::default())
     }
@@ -57,8 +74,12 @@ impl ModelArgs {
         Ok(path)
     }
 
-    /// Loads the model with `opts` (e.g. trainable) with a spinner.
+    /// Loads the model with `opts` (e.g. trainable) on the device named, with a spinner.
     pub fn load_with(&self, opts: &LoadOptions) -> Result<LoadedModel> {
+        let opts = LoadOptions {
+            device: self.open_device()?,
+            ..opts.clone()
+        };
         let path = self.path()?;
         let bar = ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
         bar.set_style(
@@ -66,7 +87,7 @@ impl ModelArgs {
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         bar.enable_steady_tick(Duration::from_millis(120));
-        let loaded = model::load_model(&path, opts)
+        let loaded = model::load_model(&path, &opts)
             .with_context(|| format!("while loading the model from {}", path.display()));
         bar.finish_and_clear();
         loaded

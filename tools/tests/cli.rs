@@ -148,6 +148,43 @@ fn bad_input_fails_with_a_clear_message() {
 }
 
 #[test]
+fn a_gpu_device_without_cuda_support_is_one_clear_line() {
+    // The default build has no CUDA: --device cuda (flag or environment) fails at once with one
+    // line naming what is missing; an unknown device is a usage error naming the choices.
+    for (args, env) in [
+        (vec!["generate", "--prompt", "x", "--device", "cuda"], None),
+        (vec!["logprobs", "--text", "x y"], Some("cuda:1")),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nested-reft"));
+        // As a user sees it: no backtrace requested.
+        cmd.args(&args)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE");
+        if let Some(d) = env {
+            cmd.env("NESTED_REFT_DEVICE", d);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if cfg!(feature = "cuda") {
+            // A CUDA build on a machine with a GPU may succeed; without one it names the count.
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(
+            lines[0].contains("this build has no CUDA support")
+                && lines[0].contains("--features cuda"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = run(&["generate", "--prompt", "x", "--device", "tpu"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
+}
+
+#[test]
 fn fetch_of_cached_assets_is_quiet_and_succeeds() {
     // The assets are cached by the test set-up, so this only verifies them.
     let out = run(&["fetch", "gsm8k"]);

@@ -10,6 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 use learner::UpdateConfig;
 use learner::{group_advantages, AdvantageConfig, Learner, PreparedBatch, TrainSequence};
+use model::DeviceSpec;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -114,9 +115,7 @@ impl GrpoBatch {
 /// default model when `None`) at full depth.
 fn real_batch(model: Option<&Path>) -> Result<GrpoBatch> {
     let file = crate::train::TrainFile::default();
-    let args = crate::modelargs::ModelArgs {
-        model: model.map(Path::to_path_buf),
-    };
+    let args = crate::modelargs::ModelArgs::new(model.map(Path::to_path_buf), DeviceSpec::Cpu);
     let path = args.path()?;
     let loaded = args.load()?;
     let mut generator = file.generator(

@@ -305,9 +305,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     base_cfg.validate()?;
 
-    let model_args = ModelArgs {
-        model: args.model.model.clone().or(train_cfg.model.clone()),
-    };
+    let model_args = ModelArgs::new(
+        args.model.model.clone().or(train_cfg.model.clone()),
+        args.model.device.unwrap_or(train_cfg.device),
+    );
     let model_path = model_args.path()?;
     let loaded = model_args.load()?;
     let tokenizer = loaded.tokenizer;

@@ -1,6 +1,7 @@
 //! The learner process: pops records, assembles complete batches, trains, publishes weights,
 //! checkpoints.
 
+use super::device_slots::LearnerSlots;
 use super::{
     nap, ring_descriptor, stopping, unix_now, write_atomic, JsonLines, Notifier, Paths,
     ServiceArgs, Span, Timeline,
@@ -11,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use learner::{AssembledBatch, AssemblyStats, BatchAssembler, Learner, StepStats};
 use model::{LoadOptions, WeightBridge};
-use protocol::control::{ControlServer, Hello, Message};
+use protocol::control::{ControlServer, Hello, IpcHandles, Message};
 use protocol::{
     ControlError, HandshakeError, OpenError, PopError, SegmentError, WeightStore, Writer,
 };
@@ -66,6 +67,10 @@ struct StepLine<'a> {
     checkpoint_s: f64,
     /// Seconds scoring the weight probe with the published weights.
     probe_s: f64,
+    /// With device weight slots: the checksum of the weights published this step (see
+    /// `WeightBridge::checksum`), for comparison with the server's of what it loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weights_sum: Option<f64>,
     /// The rollout server's probes compared with the learner's since the last line: the
     /// behavior it samples from against the learner's weights of the same version.
     probes: Vec<ProbeCheck>,
@@ -102,10 +107,17 @@ struct ControlLink {
     version: Arc<AtomicU64>,
     /// The server's weight probes received and not yet taken: (version, log-probs).
     probes: Vec<(u64, Vec<f32>)>,
+    /// The device weight slots' handles, sent after every handshake (learner on a GPU).
+    handles: Option<IpcHandles>,
 }
 
 impl ControlLink {
-    fn spawn(paths: &Paths, base: Hello, version: Arc<AtomicU64>) -> Result<Self> {
+    fn spawn(
+        paths: &Paths,
+        base: Hello,
+        version: Arc<AtomicU64>,
+        handles: Option<IpcHandles>,
+    ) -> Result<Self> {
         let (ev_tx, events) = mpsc::channel();
         let (relisten, relisten_rx) = mpsc::channel::<()>();
         let file = paths.control_file();
@@ -150,6 +162,7 @@ impl ControlLink {
             conn: None,
             version,
             probes: Vec::new(),
+            handles,
         })
     }
 
@@ -165,6 +178,9 @@ impl ControlLink {
                         "handshake with the rollout server succeeded"
                     );
                     self.conn = Some(c);
+                    if let Some(h) = self.handles.clone() {
+                        self.send(Message::DeviceSlots(h));
+                    }
                 }
                 ControlEvent::Failed(e) => {
                     return Err(anyhow!(e).context("the control handshake failed"));
@@ -237,13 +253,13 @@ fn run(
     stop: &AtomicBool,
 ) -> Result<()> {
     let notifier = Notifier;
-    let model_args = crate::modelargs::ModelArgs {
-        model: cfg.model.clone(),
-    };
+    let model_args = crate::modelargs::ModelArgs::new(cfg.model.clone(), cfg.device);
+    let device = model_args.open_device()?;
     let loaded = model::load_model(
         &model_args.existing_path()?,
         &LoadOptions {
             trainable: true,
+            device: device.clone(),
             ..LoadOptions::default()
         },
     )
@@ -252,7 +268,11 @@ fn run(
     let bridge = WeightBridge::new(loaded.decoder.config(), &loaded.tokenizer)?;
     let num_layers = loaded.decoder.config().num_layers;
     let reference = if cfg.update.kl_coef > 0.0 {
-        Some(model::load_model(&model_args.existing_path()?, &LoadOptions::default())?.decoder)
+        let opts = LoadOptions {
+            device,
+            ..LoadOptions::default()
+        };
+        Some(model::load_model(&model_args.existing_path()?, &opts)?.decoder)
     } else {
         None
     };
@@ -319,7 +339,8 @@ fn run(
         }
         Err(e) => return Err(e).context("while creating the weight store"),
     };
-    publish(&mut writer, &bridge, &learner)?;
+    let device_slots = LearnerSlots::new(learner.model().device(), &bridge, &writer)?;
+    publish(&mut writer, &bridge, &learner, device_slots.as_ref())?;
     info!(
         policy_version = learner.version(),
         "published the weights (generation {})",
@@ -342,7 +363,12 @@ fn run(
         policy_version: learner.version(),
         batch_id: None,
     };
-    let mut control = ControlLink::spawn(paths, hello, version)?;
+    let mut control = ControlLink::spawn(
+        paths,
+        hello,
+        version,
+        device_slots.as_ref().map(|s| s.handles().clone()),
+    )?;
 
     // Wait for the server: its handshake, then its ring.
     let desc = ring_descriptor(cfg, num_layers)?;
@@ -454,10 +480,14 @@ fn run(
         }
         let mut publish_s = 0.0;
         let mut probe_s = 0.0;
+        let mut weights_sum = None;
         if learner.version() != version_before {
-            publish(&mut writer, &bridge, &learner)?;
+            publish(&mut writer, &bridge, &learner, device_slots.as_ref())?;
             publish_s = unix_now() - t;
             timeline.push("publish", t, unix_now());
+            if device_slots.is_some() {
+                weights_sum = Some(bridge.checksum(learner.model())?);
+            }
             let t = unix_now();
             probes.learner(
                 learner.version(),
@@ -516,6 +546,7 @@ fn run(
             publish_s,
             checkpoint_s,
             probe_s,
+            weights_sum,
             probes: std::mem::take(&mut probes.done),
             quarantined_total: ring.quarantined_total(),
             duplicate_records,
@@ -605,8 +636,16 @@ impl ProbeChecks {
     }
 }
 
-fn publish(writer: &mut Writer, bridge: &WeightBridge, learner: &Learner) -> Result<()> {
+fn publish(
+    writer: &mut Writer,
+    bridge: &WeightBridge,
+    learner: &Learner,
+    device_slots: Option<&LearnerSlots>,
+) -> Result<()> {
     // The store's version 0 means "nothing published", so policy version v is stored as v + 1.
+    if let Some(slots) = device_slots {
+        return slots.publish(writer, bridge, learner.model(), learner.version() + 1);
+    }
     writer
         .publish_version(
             learner.version() + 1,

@@ -12,6 +12,7 @@
 //! READY. The watchdog is pinged each time the loop goes round: after each step or batch, and
 //! every few seconds while it waits for the peer.
 
+mod device_slots;
 pub mod learner;
 pub mod server;
 

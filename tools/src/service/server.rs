@@ -2,6 +2,7 @@
 //! published weights, scores them and pushes the records into the ring, never more than
 //! `max_staleness` batches ahead of the learner.
 
+use super::device_slots::ServerSlots;
 use super::{
     nap, ring_descriptor, stopping, unix_now, write_atomic, JsonLines, Notifier, Paths,
     ServiceArgs, Span, Timeline,
@@ -11,7 +12,7 @@ use crate::train::TrainFile;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use model::{Decoder, LoadOptions, WeightBridge};
-use protocol::control::{connect, Connection, Hello, Message};
+use protocol::control::{connect, Connection, Hello, IpcHandles, Message};
 use protocol::{
     ControlError, HandshakeError, OpenError, PinError, Producer, PushError, Reader, RolloutRing,
     SegmentError, WeightStore,
@@ -56,6 +57,10 @@ struct BatchLine<'a> {
     load_s: f64,
     /// Seconds scoring the weight probe after a load.
     probe_s: f64,
+    /// With device weight slots: the checksum of the weights loaded for this batch (see
+    /// `WeightBridge::checksum`; the learner writes its own for the version).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weights_sum: Option<f64>,
     /// Seconds pushing the records.
     push_s: f64,
     /// Batches pushed but not yet trained, after this one.
@@ -79,6 +84,8 @@ enum Event {
         version: u64,
         kl_behavior: f64,
     },
+    /// The learner's device weight slots (it runs on a GPU).
+    DeviceSlots(IpcHandles),
     Shutdown,
     Lost,
 }
@@ -131,6 +138,7 @@ impl ControlLink {
                         version,
                         kl_behavior,
                     }),
+                    Ok(Message::DeviceSlots(h)) => out.push(Event::DeviceSlots(h)),
                     Ok(Message::Shutdown) => out.push(Event::Shutdown),
                     Ok(Message::Error { message }) => warn!("the learner failed: {message}"),
                     Ok(_) => {}
@@ -164,12 +172,16 @@ fn run(
     reload: &AtomicBool,
 ) -> Result<()> {
     let notifier = Notifier;
-    let model_args = crate::modelargs::ModelArgs {
-        model: cfg.model.clone(),
-    };
+    let model_args = crate::modelargs::ModelArgs::new(cfg.model.clone(), cfg.device);
     // The weights come from the learner; the file gives the configuration and tokenizer.
-    let loaded = model::load_model(&model_args.existing_path()?, &LoadOptions::default())
-        .context("while loading the model")?;
+    let loaded = model::load_model(
+        &model_args.existing_path()?,
+        &LoadOptions {
+            device: model_args.open_device()?,
+            ..LoadOptions::default()
+        },
+    )
+    .context("while loading the model")?;
     let bridge = WeightBridge::new(loaded.decoder.config(), &loaded.tokenizer)?;
     let device = loaded.decoder.device().clone();
     let model_cfg = loaded.decoder.config().clone();
@@ -244,17 +256,24 @@ fn run(
     let start = Instant::now();
     let mut said = false;
     let mut reader: Option<Reader> = None;
+    // The learner's device weight slots, when it runs on a GPU.
+    let mut device_slots: Option<ServerSlots> = None;
     loop {
         if stopping(stop) {
             info!("stopped before the learner connected");
             return Ok(());
         }
         for ev in control.poll(generator.state().next_batch_id, 0)? {
-            if let Event::Connected(peer) = ev {
-                info!(
+            match ev {
+                Event::Connected(peer) => info!(
                     policy_version = peer.policy_version,
                     "handshake with the learner succeeded"
-                );
+                ),
+                Event::DeviceSlots(h) => {
+                    drop(device_slots.take()); // close the old handles first
+                    device_slots = Some(ServerSlots::open(&device, &bridge, &h)?);
+                }
+                _ => {}
             }
         }
         if control.conn.is_some() && reader.is_none() {
@@ -327,11 +346,17 @@ fn run(
                             );
                         }
                     }
+                    Event::DeviceSlots(h) => {
+                        drop(device_slots.take()); // close the old handles first
+                        device_slots = Some(ServerSlots::open(&device, &bridge, &h)?);
+                    }
                     Event::Shutdown => {
                         info!("the learner is done; stopping");
                         shutdown = true;
                     }
                     Event::Lost => {
+                        // The handles belong to that learner: a new one sends its own.
+                        device_slots = None;
                         warn!(
                             "lost the control channel to the learner; waiting for it to come back"
                         )
@@ -343,7 +368,13 @@ fn run(
             }
             let ahead = in_flight > cfg.max_staleness;
             let published = reader.latest_version() > 0;
-            if !ahead && published {
+            // On a GPU the weights travel through the device slots of the learner that
+            // published them: wait for its handles.
+            let slots_ready = device.is_cpu()
+                || device_slots
+                    .as_ref()
+                    .is_some_and(|s| s.generation() == reader.writer_generation());
+            if !ahead && published && slots_ready {
                 break;
             }
             if last_notice.elapsed() > Duration::from_secs(10) {
@@ -380,21 +411,34 @@ fn run(
         let latest = reader.latest_version();
         let mut load_s = 0.0;
         let mut probe_s = 0.0;
+        let mut weights_sum = None;
         if model
             .as_ref()
             .is_none_or(|m| (m.0, m.1 + 1) != (generation, latest))
         {
+            if device_slots
+                .as_ref()
+                .is_some_and(|s| s.generation() != generation)
+            {
+                // A restarted learner: wait for its slots' handles.
+                continue;
+            }
             let (version, decoder) = {
                 let pinned = match reader.pin() {
                     Ok(p) => p,
                     Err(PinError::NothingPublished) => continue,
                     Err(e) => return Err(e).context("while pinning the weights"),
                 };
-                let d = bridge
-                    .decoder(pinned.bytes(), &device)
-                    .context("while loading the published weights")?;
+                let d = match &device_slots {
+                    Some(slots) => slots.load(&pinned, &bridge, &device),
+                    None => bridge.decoder(pinned.bytes(), &device).map_err(Into::into),
+                }
+                .context("while loading the published weights")?;
                 (pinned.version() - 1, d)
             };
+            if device_slots.is_some() {
+                weights_sum = Some(bridge.checksum(&decoder)?);
+            }
             // An 8-bit behavior is re-quantized from every new set of weights.
             let decoder = match format {
                 model::WeightFormat::F32 => decoder,
@@ -474,6 +518,7 @@ fn run(
             wait_s: wait_end - wait_start,
             load_s,
             probe_s,
+            weights_sum,
             push_s,
             in_flight,
             spans: timeline.take(),

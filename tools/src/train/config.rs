@@ -5,6 +5,7 @@ use crate::modelargs::{ModelArgs, PlanArgs, ProfileSource, StrategyArg};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use learner::{Correction, Normalizer, TisMode, UpdateConfig};
+use model::DeviceSpec;
 use rewards::RewardSpec;
 use rollout_server::dataset::DatasetSpec;
 use rollout_server::GeneratorConfig;
@@ -113,6 +114,8 @@ pub struct TrainFile {
     pub seed: u64,
     /// Model path (default: the embedded default model).
     pub model: Option<PathBuf>,
+    /// Where both processes run the model: `"cpu"`, `"cuda"` or `"cuda:N"`.
+    pub device: DeviceSpec,
     /// Output directory (default: `runs/train-<unix time>`).
     pub output_dir: Option<PathBuf>,
     /// Save the trained model at the end.
@@ -154,6 +157,7 @@ impl Default for TrainFile {
             steps: 30,
             seed: 0,
             model: None,
+            device: DeviceSpec::Cpu,
             output_dir: None,
             save_model: true,
             dataset: DatasetSpec::Arithmetic {
@@ -375,6 +379,9 @@ impl TrainArgs {
         }
         if self.model.model.is_some() {
             f.model = self.model.model.clone();
+        }
+        if let Some(d) = self.model.device {
+            f.device = d;
         }
         if let Some(d) = &self.dataset {
             f.dataset = d

@@ -83,9 +83,7 @@ fn train(cfg: &TrainConfig) -> Result<()> {
     let f = &cfg.file;
     let out = &cfg.output_dir;
 
-    let model_args = crate::modelargs::ModelArgs {
-        model: f.model.clone(),
-    };
+    let model_args = crate::modelargs::ModelArgs::new(f.model.clone(), f.device);
     let loaded = model_args.load_with(&LoadOptions {
         trainable: true,
         ..LoadOptions::default()
