@@ -67,6 +67,11 @@ pub struct ModeResult {
     pub publish_s: f64,
     /// Mean seconds to load published weights (server).
     pub load_s: f64,
+    /// Mean seconds per step between a cue and the waiting side's start: a batch's last
+    /// record pushed → the waiting learner starts training on it, and the learner's step done
+    /// → the waiting server starts its next batch. What the idle sides' polling (short naps on
+    /// the ring and the control channel) costs a step.
+    pub handoff_s: f64,
     /// Final mean reward.
     pub last_reward: f64,
 }
@@ -191,12 +196,20 @@ fn print_report(r: &OverlapReport) {
         r.learner_threads, r.server_threads, r.cores
     );
     println!(
-        "{:<6} {:>9} {:>10} {:>11} {:>9} {:>10} {:>10} {:>9}",
-        "mode", "s/step", "server s", "learner s", "srv idle", "lrn idle", "publish s", "load s"
+        "{:<6} {:>9} {:>10} {:>11} {:>9} {:>10} {:>10} {:>9} {:>11}",
+        "mode",
+        "s/step",
+        "server s",
+        "learner s",
+        "srv idle",
+        "lrn idle",
+        "publish s",
+        "load s",
+        "handoff ms"
     );
     for m in [&r.sync, &r.r#async] {
         println!(
-            "{:<6} {:>9.2} {:>10.2} {:>11.2} {:>8.0}% {:>9.0}% {:>10.3} {:>9.3}",
+            "{:<6} {:>9.2} {:>10.2} {:>11.2} {:>8.0}% {:>9.0}% {:>10.3} {:>9.3} {:>11.1}",
             m.mode,
             m.step_s,
             m.server_busy_s,
@@ -204,7 +217,8 @@ fn print_report(r: &OverlapReport) {
             100.0 * m.server_idle,
             100.0 * m.learner_idle,
             m.publish_s,
-            m.load_s
+            m.load_s,
+            1e3 * m.handoff_s
         );
     }
     println!(
@@ -286,6 +300,7 @@ pub fn measure(dir: &Path, mode: &str) -> Result<ModeResult> {
             xs.iter().sum::<f64>() / xs.len() as f64
         }
     };
+    let handoff_s = handoffs(&learner, &server, t0) / timed as f64;
     Ok(ModeResult {
         mode: mode.into(),
         timed_steps: timed,
@@ -302,12 +317,50 @@ pub fn measure(dir: &Path, mode: &str) -> Result<ModeResult> {
                 .filter(|&x| x > 0.0)
                 .collect(),
         ),
+        handoff_s,
         last_reward: learner
             .last()
             .and_then(|v| v.get("update"))
             .map(|u| f(u, "reward_mean"))
             .unwrap_or(0.0),
     })
+}
+
+/// Seconds lost between a cue and the waiting side's start, summed over the steps that end
+/// after `t0` (see [`ModeResult::handoff_s`]).
+fn handoffs(learner: &[serde_json::Value], server: &[serde_json::Value], t0: f64) -> f64 {
+    let batch = |v: &serde_json::Value| v.get("batch_id").and_then(serde_json::Value::as_u64);
+    let stage = |v: &serde_json::Value, name: &str| spans(v).into_iter().find(|s| s.stage == name);
+    let mut total = 0.0;
+    for l in learner.iter().filter(|l| f(l, "wall_s") > t0) {
+        let Some(b) = batch(l) else { continue };
+        // The ring: the learner waited for this batch when its last record arrived.
+        let pushed = server
+            .iter()
+            .find(|v| batch(v) == Some(b))
+            .and_then(|v| stage(v, "push"));
+        if let (Some(w), Some(t), Some(p)) = (stage(l, "wait"), stage(l, "train"), pushed) {
+            if w.start <= p.end && t.start >= p.end {
+                total += t.start - p.end;
+            }
+        }
+        // The control channel: the server waited for this step when the learner finished it.
+        let done = spans(l)
+            .into_iter()
+            .filter(|s| ["train", "publish", "probe"].contains(&s.stage.as_str()))
+            .map(|s| s.end)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let next_wait = server
+            .iter()
+            .find(|v| batch(v) == Some(b + 1))
+            .and_then(|v| stage(v, "wait"));
+        if let Some(w) = next_wait {
+            if w.start <= done && done <= w.end {
+                total += w.end - done;
+            }
+        }
+    }
+    total
 }
 
 /// Both runs' mean reward per step on one chart (same seed: how staleness changes learning).
@@ -486,6 +539,8 @@ mod tests {
         assert!((sync.server_busy_s - 2.1).abs() < 1e-9, "{sync:?}");
         assert!((sync.publish_s - 0.2).abs() < 1e-12);
         assert!((sync.load_s - 0.05).abs() < 1e-12);
+        // The learner starts each batch as its last record lands: no handoff lost.
+        assert_eq!(sync.handoff_s, 0.0, "{sync:?}");
         // In sync the learner idles 2.1 of every 3 s.
         assert!((sync.learner_idle - 0.7).abs() < 1e-9, "{sync:?}");
         let split = crate::train::procs::Split {
@@ -499,6 +554,30 @@ mod tests {
         assert_eq!(r.tt_s, r.sync.learner_busy_s);
         assert!((r.ideal_bound - 3.0 / 2.1).abs() < 1e-9, "{r:?}");
         assert!((r.fraction_of_bound - 1.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn handoffs_count_the_delays_of_the_waiting_side_only() {
+        let span =
+            |stage: &str, start: f64, end: f64| json!({"stage": stage, "start": start, "end": end});
+        // Batch 1: pushed at 10.0, the waiting learner trains from 10.004; the server waits
+        // for step 1 from 11.0, the learner is done at 12.0, the server goes at 12.010.
+        let server = vec![
+            json!({"batch_id": 1, "wall_s": 10.0, "spans": [span("push", 9.9, 10.0)]}),
+            json!({"batch_id": 2, "wall_s": 13.0, "spans": [span("wait", 11.0, 12.010)]}),
+        ];
+        let learner = vec![
+            json!({"batch_id": 0, "wall_s": 9.0, "spans": [span("train", 8.0, 9.0)]}),
+            json!({"batch_id": 1, "wall_s": 12.0, "spans": [
+                span("wait", 9.0, 10.004), span("train", 10.004, 11.9), span("publish", 11.9, 12.0)]}),
+        ];
+        let h = handoffs(&learner, &server, 9.0);
+        assert!((h - 0.014).abs() < 1e-9, "{h}");
+        // A learner that was busy when the batch landed lost nothing to the ring.
+        let learner = vec![json!({"batch_id": 1, "wall_s": 12.0, "spans": [
+            span("wait", 10.5, 10.6), span("train", 10.6, 12.0)]})];
+        let h = handoffs(&learner, &server[..1], 9.0);
+        assert_eq!(h, 0.0);
     }
 
     #[test]

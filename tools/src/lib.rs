@@ -18,4 +18,5 @@ pub mod modelargs;
 pub mod probe;
 pub mod score;
 pub mod service;
+pub mod step;
 pub mod train;

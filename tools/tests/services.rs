@@ -344,6 +344,25 @@ fn sync_mode_gives_the_weights_of_local_mode() {
         );
         models.push(out.join("model/model.safetensors"));
     }
+    // Every mode writes the same run outputs: one decoded sample per trained batch, here
+    // the same samples since the batches are the same.
+    let samples: Vec<Vec<Value>> = ["local", "sync"]
+        .iter()
+        .map(|m| lines(&dir.path().join(m).join("samples.jsonl")))
+        .collect();
+    assert_eq!(samples[0].len(), 2, "{:?}", samples[0]);
+    assert_eq!(samples[0], samples[1]);
+    for (i, s) in samples[0].iter().enumerate() {
+        assert_eq!(s["step"].as_u64(), Some(i as u64 + 1), "{s}");
+        assert!(
+            s["completion"].as_str().is_some_and(|c| !c.is_empty()),
+            "{s}"
+        );
+        assert!(
+            s["prompt"].as_str().is_some_and(|p| p.contains("user")),
+            "{s}"
+        );
+    }
     let a = model::candle_core::safetensors::load(&models[0], &model::candle_core::Device::Cpu)
         .unwrap();
     let b = model::candle_core::safetensors::load(&models[1], &model::candle_core::Device::Cpu)

@@ -7,8 +7,9 @@ use super::{
     ServiceArgs, Span, Timeline,
 };
 use crate::probe::{Probe, ProbeCheck, ProbeLedger};
+use crate::step;
 use crate::train::TrainFile;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 use learner::{AssembledBatch, AssemblyStats, BatchAssembler, Learner, StepStats};
 use model::{LoadOptions, WeightBridge};
@@ -252,328 +253,517 @@ fn run(
     peer_timeout: Duration,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let notifier = Notifier;
-    let model_args = crate::modelargs::ModelArgs::new(cfg.model.clone(), cfg.device);
-    let device = model_args.open_device()?;
-    let loaded = model::load_model(
-        &model_args.existing_path()?,
-        &LoadOptions {
-            trainable: true,
-            device: device.clone(),
-            ..LoadOptions::default()
-        },
-    )
-    .context("while loading the model")?;
-    let tokenizer = loaded.tokenizer.clone();
-    let bridge = WeightBridge::new(loaded.decoder.config(), &loaded.tokenizer)?;
-    let num_layers = loaded.decoder.config().num_layers;
-    let reference = if cfg.update.kl_coef > 0.0 {
-        let opts = LoadOptions {
-            device,
-            ..LoadOptions::default()
-        };
-        Some(model::load_model(&model_args.existing_path()?, &opts)?.decoder)
-    } else {
-        None
-    };
-    let mut learner = Learner::new(loaded.decoder, reference, cfg.update.clone())
-        .context("while setting up the learner")?;
-    let ckpt_root = paths.state_dir.join("checkpoints");
-    let metrics_path = paths.state_dir.join("metrics.jsonl");
-    let mut step = 0u64;
-    let mut resumed_last_batch = None;
+    let mut svc = Service::start(cfg, paths)?;
     if resume {
-        match learner::latest_checkpoint(&ckpt_root)? {
-            Some(dir) => {
-                let st = learner
-                    .load_checkpoint(&dir)
-                    .with_context(|| format!("while loading the checkpoint {}", dir.display()))?;
-                step = st.step;
-                resumed_last_batch = serde_json::from_value::<CheckpointExtra>(st.extra.clone())
-                    .ok()
-                    .and_then(|e| e.last_batch_id);
-                let rolled_back = steps_after(&metrics_path, step);
-                info!(
-                    step,
-                    policy_version = learner.version(),
-                    "resumed from {}",
-                    dir.display()
-                );
-                if !rolled_back.is_empty() {
-                    warn!(
-                        step,
-                        "steps {:?} ran after this checkpoint and are rolled back", rolled_back
-                    );
-                }
-                JsonLines::append(&metrics_path)?.write(&serde_json::json!({
-                    "event": "resumed",
-                    "step": step,
-                    "version": learner.version(),
-                    "checkpoint": dir,
-                    "rolled_back_steps": rolled_back,
-                    "wall_s": unix_now(),
-                }))?;
-            }
-            None => info!("no checkpoint in {}: starting fresh", ckpt_root.display()),
-        }
+        svc.resume()?;
     }
-    if steps > 0 && step >= steps {
-        info!(step, "already trained {steps} steps; nothing to do");
+    if steps > 0 && svc.step >= steps {
+        info!(
+            step = svc.step,
+            "already trained {steps} steps; nothing to do"
+        );
         return Ok(());
     }
-
-    // The weight store: created, or re-attached after a restart; then the current weights.
-    let dir = &paths.runtime_dir;
-    let mut writer = match WeightStore::create(dir, &paths.name, bridge.manifest(), WEIGHT_SLOTS) {
-        Ok(w) => w,
-        Err(OpenError::Segment(SegmentError::AlreadyExists(_))) => {
-            WeightStore::resume(dir, &paths.name, bridge.manifest()).with_context(|| {
-                format!(
-                    "while re-attaching to the weight store in {} (if it was left by another \
-                     model or version, remove {}/{}.weights)",
-                    dir.display(),
-                    dir.display(),
-                    paths.name
-                )
-            })?
-        }
-        Err(e) => return Err(e).context("while creating the weight store"),
+    let mut writer = svc.open_store()?;
+    let Some(mut ring) = svc.connect(peer_timeout, stop)? else {
+        return Ok(());
     };
-    let device_slots = LearnerSlots::new(learner.model().device(), &bridge, &writer)?;
-    publish(&mut writer, &bridge, &learner, device_slots.as_ref())?;
+    svc.notifier
+        .ready(&format!("training from step {}", svc.step));
     info!(
-        policy_version = learner.version(),
-        "published the weights (generation {})",
-        writer.generation()
-    );
-    let probe = Probe::new(&tokenizer)?;
-    let format = cfg.plan.weight_format()?;
-    let mut probes = ProbeChecks::default();
-    probes.learner(
-        learner.version(),
-        probe.score_as_behavior(learner.model(), format)?,
+        step = svc.step,
+        policy_version = svc.learner.version(),
+        "ready"
     );
 
-    let version = Arc::new(AtomicU64::new(learner.version()));
-    let hello = Hello {
-        role: "learner".into(),
-        layout_version: protocol::PROTOCOL_VERSION,
-        model_hash: bridge.model_hash().to_string(),
-        manifest_hash: bridge.manifest().hash_hex(),
-        policy_version: learner.version(),
-        batch_id: None,
-    };
-    let mut control = ControlLink::spawn(
-        paths,
-        hello,
-        version,
-        device_slots.as_ref().map(|s| s.handles().clone()),
-    )?;
-
-    // Wait for the server: its handshake, then its ring.
-    let desc = ring_descriptor(cfg, num_layers)?;
-    let start = Instant::now();
-    let mut said = false;
-    let mut ring = loop {
-        if stopping(stop) {
-            info!("stopped before the rollout server connected");
-            return Ok(());
-        }
-        control.poll()?;
-        probes.take_from(&mut control);
-        if control.conn.is_some() {
-            match protocol::RolloutRing::open(dir, &paths.name, desc) {
-                Ok(c) => break c,
-                Err(OpenError::Segment(SegmentError::NotFound(_))) => {}
-                Err(e) => return Err(e).context("while opening the rollout ring"),
-            }
-        }
-        if start.elapsed() > peer_timeout {
-            bail!(
-                "the rollout server did not connect within {:?} (runtime directory {}, name {})",
-                peer_timeout,
-                dir.display(),
-                paths.name
-            );
-        }
-        if !said {
-            info!(
-                "waiting for the rollout server (runtime directory {})",
-                dir.display()
-            );
-            said = true;
-        }
-        notifier.alive();
-        nap(stop, Duration::from_millis(50));
-    };
-    notifier.ready(&format!("training from step {step}"));
-    info!(step, policy_version = learner.version(), "ready");
-
-    let mut metrics = JsonLines::append(&metrics_path)?;
-    let mut assembler = BatchAssembler::new(cfg.max_staleness);
-    let mut last_checkpoint_step = step;
-    let mut last_batch = resumed_last_batch;
-    let mut duplicate_records = 0u64;
+    let mut metrics = JsonLines::append(&svc.metrics_path)?;
+    let mut samples = step::SampleLog::append(&paths.state_dir.join("samples.jsonl"))?;
     let mut timeline = Timeline::default();
-    let mut wait_start = unix_now();
-    let mut last_notice = Instant::now();
     let mut shutdown_asked = false;
-    let mut ready: Vec<AssembledBatch> = Vec::new();
-    while !(stopping(stop) || shutdown_asked || (steps > 0 && step >= steps)) {
-        shutdown_asked = control.poll()?;
-        probes.take_from(&mut control);
-        notifier.alive();
-        if ready.is_empty() {
-            // Polled with short naps rather than the ring's spinning wait: while the learner
-            // idles, the CPU belongs to the server.
-            match ring.try_pop() {
-                // A batch id at or below the last one handed on was trained (or dropped)
-                // already: a server that restarted between pushing and saving its state
-                // redoes it. Never train a batch twice.
-                Ok(rec) if last_batch.is_some_and(|b| rec.batch_id <= b) => {
-                    duplicate_records += 1;
-                }
-                Ok(rec) => ready.extend(assembler.push(rec, learner.version())),
-                Err(PopError::Timeout(_)) | Err(PopError::Empty) => {
-                    if last_notice.elapsed() > Duration::from_secs(10) {
-                        if !ring.producer_alive() {
-                            info!(
-                                generation = ring.producer_generation(),
-                                "waiting for the rollout server (its process is gone; it resumes the ring when it restarts)"
-                            );
-                        }
-                        last_notice = Instant::now();
-                    }
-                    nap(stop, Duration::from_millis(5));
-                }
-                Err(PopError::ProducerDead { .. }) => nap(stop, Duration::from_millis(5)),
-                Err(PopError::Corrupt { seq, reason }) => {
-                    warn!("record {seq} quarantined: {reason}; its group will be dropped");
-                }
-                Err(e) => return Err(e).context("while reading the ring"),
+    while !(stopping(stop) || shutdown_asked || (steps > 0 && svc.step >= steps)) {
+        let wait_start = unix_now();
+        let batch = match svc.next_batch(&mut ring, stop)? {
+            Next::Batch(b) => b,
+            Next::Idle => continue,
+            Next::Shutdown => {
+                shutdown_asked = true;
+                continue;
             }
-            continue;
-        }
-        let batch = ready.remove(0);
+        };
         let waited = unix_now() - wait_start;
         timeline.push("wait", wait_start, unix_now());
         let batch_id = batch.batch_id;
-        let version_before = learner.version();
-        let update = if batch.groups.is_empty() {
-            warn!(
-                batch_id,
-                "no usable group in this batch ({} incomplete, {} stale, {} rolled back)",
-                batch.stats.incomplete_groups,
-                batch.stats.stale_groups,
-                batch.stats.rolled_back_groups
-            );
-            None
-        } else {
-            let stats = timeline
-                .time("train", || learner.step(&batch.groups))
-                .with_context(|| format!("while training on batch {batch_id}"))?;
-            Some(stats)
-        };
-        let t = unix_now();
+        let update = svc.train(&batch, &mut timeline)?;
         if update.is_some() {
-            step += 1;
+            samples.write(svc.step, batch_id, &batch.groups, &svc.tokenizer)?;
         }
-        let mut publish_s = 0.0;
-        let mut probe_s = 0.0;
-        let mut weights_sum = None;
-        if learner.version() != version_before {
-            publish(&mut writer, &bridge, &learner, device_slots.as_ref())?;
-            publish_s = unix_now() - t;
-            timeline.push("publish", t, unix_now());
-            if device_slots.is_some() {
-                weights_sum = Some(bridge.checksum(learner.model())?);
-            }
-            let t = unix_now();
-            probes.learner(
-                learner.version(),
-                probe.score_as_behavior(learner.model(), format)?,
-            );
-            probe_s = unix_now() - t;
-            timeline.push("probe", t, unix_now());
-        }
-        control.set_version(learner.version());
-        control.send(Message::Trained {
-            batch_id,
-            version: learner.version(),
-            // A batch that trained no tokens (every group uniform) measured nothing.
-            kl_behavior: update
-                .as_ref()
-                .filter(|u| u.tokens > 0)
-                .map_or(f64::NAN, |u| u.kl_behavior_k3),
-        });
-        last_batch = Some(batch_id);
-        let mut checkpoint_s = 0.0;
-        if update.is_some()
-            && cfg.checkpoint_every > 0
-            && step % cfg.checkpoint_every == 0
-            && step != last_checkpoint_step
-        {
-            let t = unix_now();
-            checkpoint(&learner, &ckpt_root, step, last_batch, &ring, cfg)?;
-            checkpoint_s = unix_now() - t;
-            timeline.push("checkpoint", t, unix_now());
-            last_checkpoint_step = step;
-        }
+        let published = svc.publish(&mut writer, &mut timeline)?;
+        svc.tell_server(batch_id, update.as_ref());
+        let checkpoint_s = if update.is_some() {
+            svc.checkpoint_if_due(&ring, &mut timeline)?
+        } else {
+            0.0
+        };
         if let Some(u) = &update {
             info!(
-                step,
-                policy_version = learner.version(),
+                step = svc.step,
+                policy_version = svc.learner.version(),
                 batch_id,
                 reward = u.reward_mean,
                 accuracy = u.accuracy,
                 staleness = batch.stats.max_staleness,
                 "step done"
             );
-            notifier.status(&format!(
-                "step {step}, policy version {}, reward {:.3}",
-                learner.version(),
+            svc.notifier.status(&format!(
+                "step {}, policy version {}, reward {:.3}",
+                svc.step,
+                svc.learner.version(),
                 u.reward_mean
             ));
         }
         metrics.write(&StepLine {
-            step,
-            version: learner.version(),
+            step: svc.step,
+            version: svc.learner.version(),
             batch_id,
             wall_s: unix_now(),
             assembly: &batch.stats,
             update: update.as_ref(),
             wait_s: waited,
-            publish_s,
+            publish_s: published.publish_s,
             checkpoint_s,
-            probe_s,
-            weights_sum,
-            probes: std::mem::take(&mut probes.done),
+            probe_s: published.probe_s,
+            weights_sum: published.weights_sum,
+            probes: std::mem::take(&mut svc.probes.done),
             quarantined_total: ring.quarantined_total(),
-            duplicate_records,
+            duplicate_records: svc.duplicate_records,
             spans: timeline.take(),
         })?;
-        wait_start = unix_now();
     }
-    notifier.stopping();
-    if step != last_checkpoint_step && cfg.checkpoint_every > 0 {
-        checkpoint(&learner, &ckpt_root, step, last_batch, &ring, cfg)?;
-        info!(step, "final checkpoint written");
+    svc.notifier.stopping();
+    if svc.step != svc.last_checkpoint_step && cfg.checkpoint_every > 0 {
+        svc.checkpoint(&ring)?;
+        info!(step = svc.step, "final checkpoint written");
     }
-    let finished = steps > 0 && step >= steps;
+    let finished = steps > 0 && svc.step >= steps;
     if finished {
         info!(
-            step,
+            step = svc.step,
             "trained {steps} steps; telling the rollout server to stop"
         );
-        // A server that is restarting right now would miss the message and wait for a
-        // learner that is done: give it a little while to reconnect first.
+        svc.tell_server_to_stop(stop);
+    }
+    if cfg.save_model && svc.step > 0 {
+        let dir = paths.state_dir.join("model");
+        crate::train::save_model(&svc.learner, &svc.tokenizer, &dir)?;
+        info!("saved the model of step {} to {}", svc.step, dir.display());
+    }
+    if !finished {
+        info!(step = svc.step, "stopped");
+    }
+    Ok(())
+}
+
+/// What the learner's ring gave.
+enum Next {
+    /// A complete batch to train on.
+    Batch(AssembledBatch),
+    /// Nothing yet (the ring was empty or the record completed no batch).
+    Idle,
+    /// The rollout server asked the learner to stop.
+    Shutdown,
+}
+
+/// What publishing new weights cost (zeros when the step changed no weight).
+#[derive(Debug, Default)]
+struct Published {
+    publish_s: f64,
+    probe_s: f64,
+    weights_sum: Option<f64>,
+}
+
+/// The learner service's state between its stages.
+struct Service<'a> {
+    cfg: &'a TrainFile,
+    paths: &'a Paths,
+    notifier: Notifier,
+    learner: Learner,
+    tokenizer: model::Tokenizer,
+    bridge: WeightBridge,
+    num_layers: usize,
+    format: model::WeightFormat,
+    probe: Probe,
+    probes: ProbeChecks,
+    ckpt_root: PathBuf,
+    metrics_path: PathBuf,
+    /// Optimizer steps taken.
+    step: u64,
+    last_checkpoint_step: u64,
+    /// The last batch handed on (trained or dropped): older ids are duplicates.
+    last_batch: Option<u64>,
+    duplicate_records: u64,
+    assembler: BatchAssembler,
+    /// Batches assembled and not yet trained.
+    ready: std::collections::VecDeque<AssembledBatch>,
+    device_slots: Option<LearnerSlots>,
+    control: Option<ControlLink>,
+    last_notice: Instant,
+}
+
+impl<'a> Service<'a> {
+    /// Loads the model (and the reference model for a KL penalty) and sets up the learner.
+    fn start(cfg: &'a TrainFile, paths: &'a Paths) -> Result<Self> {
+        let model_args = crate::modelargs::ModelArgs::new(cfg.model.clone(), cfg.device);
+        let device = model_args.open_device()?;
+        let loaded = model::load_model(
+            &model_args.existing_path()?,
+            &LoadOptions {
+                trainable: true,
+                device: device.clone(),
+                ..LoadOptions::default()
+            },
+        )
+        .context("while loading the model")?;
+        let tokenizer = loaded.tokenizer.clone();
+        let bridge = WeightBridge::new(loaded.decoder.config(), &loaded.tokenizer)?;
+        let num_layers = loaded.decoder.config().num_layers;
+        let reference = if cfg.update.kl_coef > 0.0 {
+            let opts = LoadOptions {
+                device,
+                ..LoadOptions::default()
+            };
+            Some(model::load_model(&model_args.existing_path()?, &opts)?.decoder)
+        } else {
+            None
+        };
+        let learner = Learner::new(loaded.decoder, reference, cfg.update.clone())
+            .context("while setting up the learner")?;
+        Ok(Self {
+            cfg,
+            paths,
+            notifier: Notifier,
+            learner,
+            probe: Probe::new(&tokenizer)?,
+            tokenizer,
+            bridge,
+            num_layers,
+            format: cfg.plan.weight_format()?,
+            probes: ProbeChecks::default(),
+            ckpt_root: paths.state_dir.join("checkpoints"),
+            metrics_path: paths.state_dir.join("metrics.jsonl"),
+            step: 0,
+            last_checkpoint_step: 0,
+            last_batch: None,
+            duplicate_records: 0,
+            assembler: BatchAssembler::new(cfg.max_staleness),
+            ready: Default::default(),
+            device_slots: None,
+            control: None,
+            last_notice: Instant::now(),
+        })
+    }
+
+    /// Continues from the latest complete checkpoint, if any; steps logged after it are
+    /// reported as rolled back.
+    fn resume(&mut self) -> Result<()> {
+        let Some(dir) = learner::latest_checkpoint(&self.ckpt_root)? else {
+            info!(
+                "no checkpoint in {}: starting fresh",
+                self.ckpt_root.display()
+            );
+            return Ok(());
+        };
+        let st = self
+            .learner
+            .load_checkpoint(&dir)
+            .with_context(|| format!("while loading the checkpoint {}", dir.display()))?;
+        self.step = st.step;
+        self.last_checkpoint_step = st.step;
+        self.last_batch = serde_json::from_value::<CheckpointExtra>(st.extra.clone())
+            .ok()
+            .and_then(|e| e.last_batch_id);
+        let rolled_back = steps_after(&self.metrics_path, self.step);
+        info!(
+            step = self.step,
+            policy_version = self.learner.version(),
+            "resumed from {}",
+            dir.display()
+        );
+        if !rolled_back.is_empty() {
+            warn!(
+                step = self.step,
+                "steps {:?} ran after this checkpoint and are rolled back", rolled_back
+            );
+        }
+        JsonLines::append(&self.metrics_path)?.write(&serde_json::json!({
+            "event": "resumed",
+            "step": self.step,
+            "version": self.learner.version(),
+            "checkpoint": dir,
+            "rolled_back_steps": rolled_back,
+            "wall_s": unix_now(),
+        }))
+    }
+
+    /// Creates the weight store (or re-attaches to it after a restart), with the device slots
+    /// on a GPU, and publishes the current weights.
+    fn open_store(&mut self) -> Result<Writer> {
+        let dir = &self.paths.runtime_dir;
+        let name = &self.paths.name;
+        let manifest = self.bridge.manifest();
+        let mut writer = match WeightStore::create(dir, name, manifest, WEIGHT_SLOTS) {
+            Ok(w) => w,
+            Err(OpenError::Segment(SegmentError::AlreadyExists(_))) => {
+                WeightStore::resume(dir, name, manifest).with_context(|| {
+                    format!(
+                        "while re-attaching to the weight store in {} (if it was left by \
+                         another model or version, remove {}/{}.weights)",
+                        dir.display(),
+                        dir.display(),
+                        name
+                    )
+                })?
+            }
+            Err(e) => return Err(e).context("while creating the weight store"),
+        };
+        self.device_slots =
+            LearnerSlots::new(self.learner.model().device(), &self.bridge, &writer)?;
+        publish(
+            &mut writer,
+            &self.bridge,
+            &self.learner,
+            self.device_slots.as_ref(),
+        )?;
+        info!(
+            policy_version = self.learner.version(),
+            "published the weights (generation {})",
+            writer.generation()
+        );
+        self.probes.learner(
+            self.learner.version(),
+            self.probe
+                .score_as_behavior(self.learner.model(), self.format)?,
+        );
+        Ok(writer)
+    }
+
+    /// Listens on the control channel and waits for the rollout server: its handshake, then
+    /// its ring. `None` when stopped first.
+    fn connect(
+        &mut self,
+        timeout: Duration,
+        stop: &AtomicBool,
+    ) -> Result<Option<protocol::Consumer>> {
+        let hello = Hello {
+            role: "learner".into(),
+            layout_version: protocol::PROTOCOL_VERSION,
+            model_hash: self.bridge.model_hash().to_string(),
+            manifest_hash: self.bridge.manifest().hash_hex(),
+            policy_version: self.learner.version(),
+            batch_id: None,
+        };
+        let mut control = ControlLink::spawn(
+            self.paths,
+            hello,
+            Arc::new(AtomicU64::new(self.learner.version())),
+            self.device_slots.as_ref().map(|s| s.handles().clone()),
+        )?;
+        let desc = ring_descriptor(self.cfg, self.num_layers)?;
+        let (dir, name) = (&self.paths.runtime_dir, &self.paths.name);
+        let probes = &mut self.probes;
+        let ring = step::wait_for_peer(
+            "the rollout server",
+            dir,
+            name,
+            timeout,
+            stop,
+            &self.notifier,
+            || {
+                control.poll()?;
+                probes.take_from(&mut control);
+                if control.conn.is_none() {
+                    return Ok(None);
+                }
+                match protocol::RolloutRing::open(dir, name, desc) {
+                    Ok(c) => Ok(Some(c)),
+                    Err(OpenError::Segment(SegmentError::NotFound(_))) => Ok(None),
+                    Err(e) => Err(e).context("while opening the rollout ring"),
+                }
+            },
+        )?;
+        self.control = Some(control);
+        Ok(ring)
+    }
+
+    fn control(&mut self) -> Result<&mut ControlLink> {
+        self.control
+            .as_mut()
+            .context("the control channel is not set up")
+    }
+
+    /// Reads the control channel, then pops one record into the assembler; returns the oldest
+    /// complete batch when there is one.
+    fn next_batch(&mut self, ring: &mut protocol::Consumer, stop: &AtomicBool) -> Result<Next> {
+        let control = self
+            .control
+            .as_mut()
+            .context("the control channel is not set up")?;
+        let shutdown = control.poll()?;
+        self.probes.take_from(control);
+        self.notifier.alive();
+        if shutdown {
+            return Ok(Next::Shutdown);
+        }
+        if let Some(b) = self.ready.pop_front() {
+            return Ok(Next::Batch(b));
+        }
+        // Polled with short naps rather than the ring's spinning wait: while the learner
+        // idles, the CPU belongs to the server. The nap costs a step less than a wait on an
+        // event could save: `bench overlap` measures the handoff (about 12 ms of a 20 s step).
+        match ring.try_pop() {
+            // A batch id at or below the last one handed on was trained (or dropped) already:
+            // a server that restarted between pushing and saving its state redoes it. Never
+            // train a batch twice.
+            Ok(rec) if self.last_batch.is_some_and(|b| rec.batch_id <= b) => {
+                self.duplicate_records += 1;
+            }
+            Ok(rec) => {
+                let done = self.assembler.push(rec, self.learner.version());
+                self.ready.extend(done);
+            }
+            Err(PopError::Timeout(_)) | Err(PopError::Empty) => {
+                if self.last_notice.elapsed() > Duration::from_secs(10) {
+                    if !ring.producer_alive() {
+                        info!(
+                            generation = ring.producer_generation(),
+                            "waiting for the rollout server (its process is gone; it resumes the ring when it restarts)"
+                        );
+                    }
+                    self.last_notice = Instant::now();
+                }
+                nap(stop, Duration::from_millis(5));
+            }
+            Err(PopError::ProducerDead { .. }) => nap(stop, Duration::from_millis(5)),
+            Err(PopError::Corrupt { seq, reason }) => {
+                warn!("record {seq} quarantined: {reason}; its group will be dropped");
+            }
+            Err(e) => return Err(e).context("while reading the ring"),
+        }
+        Ok(match self.ready.pop_front() {
+            Some(b) => Next::Batch(b),
+            None => Next::Idle,
+        })
+    }
+
+    /// Updates the target on the batch (none when no group was usable).
+    fn train(
+        &mut self,
+        batch: &AssembledBatch,
+        timeline: &mut Timeline,
+    ) -> Result<Option<StepStats>> {
+        self.last_batch = Some(batch.batch_id);
+        if batch.groups.is_empty() {
+            warn!(
+                batch_id = batch.batch_id,
+                "no usable group in this batch ({} incomplete, {} stale, {} rolled back)",
+                batch.stats.incomplete_groups,
+                batch.stats.stale_groups,
+                batch.stats.rolled_back_groups
+            );
+            return Ok(None);
+        }
+        let stats = timeline.time("train", || {
+            step::update(&mut self.learner, batch.batch_id, &batch.groups)
+        })?;
+        self.step += 1;
+        Ok(Some(stats))
+    }
+
+    /// Publishes the weights if the step changed them, and scores the weight probe with them.
+    fn publish(&mut self, writer: &mut Writer, timeline: &mut Timeline) -> Result<Published> {
+        let mut out = Published::default();
+        let version = self.learner.version();
+        // The store holds policy version v as v + 1.
+        if writer.version() == version + 1 {
+            return Ok(out);
+        }
+        let t = unix_now();
+        publish(
+            writer,
+            &self.bridge,
+            &self.learner,
+            self.device_slots.as_ref(),
+        )?;
+        out.publish_s = unix_now() - t;
+        timeline.push("publish", t, unix_now());
+        if self.device_slots.is_some() {
+            out.weights_sum = Some(self.bridge.checksum(self.learner.model())?);
+        }
+        let t = unix_now();
+        self.probes.learner(
+            version,
+            self.probe
+                .score_as_behavior(self.learner.model(), self.format)?,
+        );
+        out.probe_s = unix_now() - t;
+        timeline.push("probe", t, unix_now());
+        Ok(out)
+    }
+
+    /// Tells the server the batch is done, with the KL it measured (for an adaptive plan).
+    fn tell_server(&mut self, batch_id: u64, update: Option<&StepStats>) {
+        let version = self.learner.version();
+        let Ok(control) = self.control() else { return };
+        control.set_version(version);
+        control.send(Message::Trained {
+            batch_id,
+            version,
+            kl_behavior: step::measured_kl(update),
+        });
+    }
+
+    /// Writes a checkpoint when the interval says so; its seconds (0 when none).
+    fn checkpoint_if_due(
+        &mut self,
+        ring: &protocol::Consumer,
+        timeline: &mut Timeline,
+    ) -> Result<f64> {
+        let every = self.cfg.checkpoint_every;
+        if every == 0 || !self.step.is_multiple_of(every) || self.step == self.last_checkpoint_step
+        {
+            return Ok(0.0);
+        }
+        let t = unix_now();
+        self.checkpoint(ring)?;
+        timeline.push("checkpoint", t, unix_now());
+        Ok(unix_now() - t)
+    }
+
+    fn checkpoint(&mut self, ring: &protocol::Consumer) -> Result<PathBuf> {
+        let dir = checkpoint(
+            &self.learner,
+            &self.ckpt_root,
+            self.step,
+            self.last_batch,
+            ring,
+            self.cfg,
+        )?;
+        self.last_checkpoint_step = self.step;
+        Ok(dir)
+    }
+
+    /// Sends the server the order to stop, giving a server that is restarting right now a
+    /// little while to reconnect first (else it would wait for a learner that is done).
+    fn tell_server_to_stop(&mut self, stop: &AtomicBool) {
+        let Ok(control) = self.control.as_mut().context("no control channel") else {
+            return;
+        };
         let grace = Instant::now();
         while control.conn.is_none() && grace.elapsed() < Duration::from_secs(30) && !stopping(stop)
         {
             if control.poll().is_err() {
                 break;
             }
-            notifier.alive();
+            self.notifier.alive();
             nap(stop, Duration::from_millis(50));
         }
         if control.conn.is_none() {
@@ -581,15 +771,6 @@ fn run(
         }
         control.send(Message::Shutdown);
     }
-    if cfg.save_model && step > 0 {
-        let dir = paths.state_dir.join("model");
-        crate::train::save_model(&learner, &tokenizer, &dir)?;
-        info!("saved the model of step {step} to {}", dir.display());
-    }
-    if !finished {
-        info!(step, "stopped");
-    }
-    Ok(())
 }
 
 /// The probes of both sides, paired by version; mismatches are logged as they complete.

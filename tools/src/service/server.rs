@@ -8,8 +8,9 @@ use super::{
     ServiceArgs, Span, Timeline,
 };
 use crate::probe::Probe;
+use crate::step;
 use crate::train::TrainFile;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 use model::{Decoder, LoadOptions, WeightBridge};
 use protocol::control::{connect, Connection, Hello, IpcHandles, Message};
@@ -44,9 +45,8 @@ pub struct ServerArgs {
 struct BatchLine<'a> {
     batch_id: u64,
     policy_version: u64,
-    skipped_layers: Vec<usize>,
-    /// Everything the plan skipped: layers (`12`), attention (`a12`) and MLP blocks (`m12`).
-    skipped_units: Vec<String>,
+    #[serde(flatten)]
+    skips: step::Skips,
     wall_s: f64,
     records: usize,
     generation: &'a GenerationStats,
@@ -171,53 +171,416 @@ fn run(
     stop: &AtomicBool,
     reload: &AtomicBool,
 ) -> Result<()> {
-    let notifier = Notifier;
-    let model_args = crate::modelargs::ModelArgs::new(cfg.model.clone(), cfg.device);
-    // The weights come from the learner; the file gives the configuration and tokenizer.
-    let loaded = model::load_model(
-        &model_args.existing_path()?,
-        &LoadOptions {
-            device: model_args.open_device()?,
-            ..LoadOptions::default()
-        },
-    )
-    .context("while loading the model")?;
-    let bridge = WeightBridge::new(loaded.decoder.config(), &loaded.tokenizer)?;
-    let device = loaded.decoder.device().clone();
-    let model_cfg = loaded.decoder.config().clone();
-    let num_layers = model_cfg.num_layers;
-    drop(loaded.decoder);
-    let format = cfg.plan.weight_format()?;
-    let probe = Probe::new(&loaded.tokenizer)?;
-    let mut generator = cfg.generator(
-        &crate::train::ModelSource {
-            path: &model_args.existing_path()?,
-            config: &model_cfg,
-        },
-        loaded.tokenizer,
-        |s| warn!("{s}"),
-    )?;
-    let state_path = paths.state_dir.join("server-state.json");
-    if let Ok(text) = std::fs::read_to_string(&state_path) {
-        let state: GeneratorState = serde_json::from_str(&text)
-            .with_context(|| format!("while reading {}", state_path.display()))?;
-        let (batch_id, cursor) = (state.next_batch_id, state.cursor);
-        generator
-            .restore(state)
-            .with_context(|| format!("while restoring {}", state_path.display()))?;
+    let mut server = Server::start(cfg, paths)?;
+    let Some(mut reader) = server.connect(peer_timeout, stop)? else {
+        return Ok(());
+    };
+    server.notifier.ready("generating");
+    info!(batch_id = server.generator.state().next_batch_id, "ready");
+    let mut metrics = JsonLines::append(&paths.state_dir.join("metrics.jsonl"))?;
+    let mut timeline = Timeline::default();
+    loop {
+        let wait_start = unix_now();
+        if !server.wait_turn(&reader, stop)? {
+            break;
+        }
+        let wait_end = unix_now();
+        if wait_end - wait_start > 1e-3 {
+            timeline.push("wait", wait_start, wait_end);
+        }
+        if reload.swap(false, Ordering::Relaxed) {
+            // Relaxed: a plain flag set by the SIGHUP handler.
+            server.reload_reward();
+        }
+        let Some(load) = server.take_weights(&mut reader, &mut timeline)? else {
+            continue; // a restarted learner: wait for its slots' handles
+        };
+        let t_gen = unix_now();
+        let (version, (_, behavior)) = server.behavior.as_ref().context("no behavior")?;
+        let version = *version;
+        let batch = step::generate(&mut server.generator, behavior, version)?;
+        // Generation and scoring ran back to back; split the span at the measured times.
+        let gen_end = t_gen + batch.stats.generation_s;
+        timeline.push("generate", t_gen, gen_end);
+        timeline.push("score", gen_end, gen_end + batch.stats.reward_s);
+        let t = unix_now();
+        if !server.push(&batch, stop)? {
+            // Stopped while the ring was full: the state is not saved, so a restarted server
+            // generates this batch again under the same id (the learner merges the copies).
+            warn!(
+                batch_id = batch.batch_id,
+                "stopped while pushing; the batch will be redone"
+            );
+            break;
+        }
+        let push_s = unix_now() - t;
+        timeline.push("push", t, unix_now());
+        server.save_state()?;
+        let records = batch.groups.iter().map(Vec::len).sum::<usize>();
         info!(
-            batch_id,
-            "continuing from {} (epoch {}, position {})",
-            state_path.display(),
-            cursor.epoch,
-            cursor.position
+            batch_id = batch.batch_id,
+            policy_version = version,
+            records,
+            in_flight = server.in_flight,
+            tokens_per_s = batch.stats.behavior_tokens_per_s,
+            "batch pushed"
         );
+        metrics.write(&BatchLine {
+            batch_id: batch.batch_id,
+            policy_version: version,
+            skips: step::Skips::of(&batch.plan),
+            wall_s: unix_now(),
+            records,
+            generation: &batch.stats,
+            wait_s: wait_end - wait_start,
+            load_s: load.load_s,
+            probe_s: load.probe_s,
+            weights_sum: load.weights_sum,
+            push_s,
+            in_flight: server.in_flight,
+            spans: timeline.take(),
+        })?;
+        server.notifier.alive();
+    }
+    server.notifier.stopping();
+    info!("stopped");
+    Ok(())
+}
+
+/// What taking new weights cost (zeros when the behavior was current).
+#[derive(Debug, Default)]
+struct Load {
+    load_s: f64,
+    probe_s: f64,
+    weights_sum: Option<f64>,
+}
+
+/// The rollout server's state between its stages.
+struct Server<'a> {
+    cfg: &'a TrainFile,
+    paths: &'a Paths,
+    notifier: Notifier,
+    bridge: WeightBridge,
+    device: model::candle_core::Device,
+    format: model::WeightFormat,
+    probe: Probe,
+    generator: rollout_server::Generator,
+    state_path: std::path::PathBuf,
+    ring: Producer,
+    control: ControlLink,
+    /// The learner's device weight slots, when it runs on a GPU.
+    device_slots: Option<ServerSlots>,
+    /// The behavior: policy version, and (store generation, its model).
+    behavior: Option<(u64, (u64, Decoder))>,
+    /// Records per batch (the last batch's count once one was pushed).
+    per_batch: u64,
+    /// Batches pushed and not yet trained.
+    in_flight: u64,
+    shutdown: bool,
+    last_notice: Instant,
+}
+
+impl<'a> Server<'a> {
+    /// Loads the model's configuration and tokenizer (the weights come from the learner), the
+    /// generator (continuing from its saved state) and creates or resumes the ring.
+    fn start(cfg: &'a TrainFile, paths: &'a Paths) -> Result<Self> {
+        let model_args = crate::modelargs::ModelArgs::new(cfg.model.clone(), cfg.device);
+        let loaded = model::load_model(
+            &model_args.existing_path()?,
+            &LoadOptions {
+                device: model_args.open_device()?,
+                ..LoadOptions::default()
+            },
+        )
+        .context("while loading the model")?;
+        let bridge = WeightBridge::new(loaded.decoder.config(), &loaded.tokenizer)?;
+        let device = loaded.decoder.device().clone();
+        let model_cfg = loaded.decoder.config().clone();
+        drop(loaded.decoder);
+        let probe = Probe::new(&loaded.tokenizer)?;
+        let mut generator = cfg.generator(
+            &crate::train::ModelSource {
+                path: &model_args.existing_path()?,
+                config: &model_cfg,
+            },
+            loaded.tokenizer,
+            |s| warn!("{s}"),
+        )?;
+        let state_path = paths.state_dir.join("server-state.json");
+        if let Ok(text) = std::fs::read_to_string(&state_path) {
+            let state: GeneratorState = serde_json::from_str(&text)
+                .with_context(|| format!("while reading {}", state_path.display()))?;
+            let (batch_id, cursor) = (state.next_batch_id, state.cursor);
+            generator
+                .restore(state)
+                .with_context(|| format!("while restoring {}", state_path.display()))?;
+            info!(
+                batch_id,
+                "continuing from {} (epoch {}, position {})",
+                state_path.display(),
+                cursor.epoch,
+                cursor.position
+            );
+        }
+        let ring = open_ring(cfg, paths, model_cfg.num_layers)?;
+        let control = ControlLink {
+            file: paths.control_file(),
+            conn: None,
+            tried: None,
+            hello: Hello {
+                role: "rollout-server".into(),
+                layout_version: protocol::PROTOCOL_VERSION,
+                model_hash: bridge.model_hash().to_string(),
+                manifest_hash: bridge.manifest().hash_hex(),
+                policy_version: 0,
+                batch_id: None,
+            },
+        };
+        Ok(Self {
+            cfg,
+            paths,
+            notifier: Notifier,
+            bridge,
+            device,
+            format: cfg.plan.weight_format()?,
+            probe,
+            generator,
+            state_path,
+            ring,
+            control,
+            device_slots: None,
+            behavior: None,
+            per_batch: records_per_batch(cfg),
+            in_flight: 0,
+            shutdown: false,
+            last_notice: Instant::now(),
+        })
     }
 
-    // The ring: created, or resumed after a restart (records already pushed stay).
+    /// Waits for the learner: the control handshake, then its weight store. `None` when
+    /// stopped first.
+    fn connect(&mut self, timeout: Duration, stop: &AtomicBool) -> Result<Option<Reader>> {
+        let (dir, name) = (&self.paths.runtime_dir, &self.paths.name);
+        let notifier = Notifier;
+        let reader =
+            step::wait_for_peer("the learner", dir, name, timeout, stop, &notifier, || {
+                for ev in self.control.poll(self.generator.state().next_batch_id, 0)? {
+                    match ev {
+                        Event::Connected(peer) => info!(
+                            policy_version = peer.policy_version,
+                            "handshake with the learner succeeded"
+                        ),
+                        Event::DeviceSlots(h) => self.open_slots(&h)?,
+                        _ => {}
+                    }
+                }
+                if self.control.conn.is_none() {
+                    return Ok(None);
+                }
+                match WeightStore::open(dir, name, self.bridge.manifest()) {
+                    Ok(r) => Ok(Some(r)),
+                    Err(OpenError::Segment(SegmentError::NotFound(_))) => Ok(None),
+                    Err(e) => Err(e).context("while opening the weight store"),
+                }
+            })?;
+        // Batches already in the ring (from before a restart) count as in flight.
+        self.in_flight = self.ring.len().div_ceil(self.per_batch);
+        Ok(reader)
+    }
+
+    /// Replaces the learner's device slots by the ones `handles` name.
+    fn open_slots(&mut self, handles: &IpcHandles) -> Result<()> {
+        self.device_slots = None; // close the old handles first
+        self.device_slots = Some(ServerSlots::open(&self.device, &self.bridge, handles)?);
+        Ok(())
+    }
+
+    /// Handles the learner's messages and waits while the server is `max_staleness` batches
+    /// ahead of the learner, or there are no weights (or, on a GPU, no handles for them) yet.
+    /// False when the server should stop.
+    fn wait_turn(&mut self, reader: &Reader, stop: &AtomicBool) -> Result<bool> {
+        loop {
+            let policy_version = self.behavior.as_ref().map_or(0, |b| b.0);
+            for ev in self
+                .control
+                .poll(self.generator.state().next_batch_id, policy_version)?
+            {
+                self.on_event(ev)?;
+            }
+            if self.shutdown || stopping(stop) {
+                return Ok(false);
+            }
+            let ahead = self.in_flight > self.cfg.max_staleness;
+            let published = reader.latest_version() > 0;
+            // On a GPU the weights travel through the device slots of the learner that
+            // published them: wait for its handles.
+            let slots_ready = self.device.is_cpu()
+                || self
+                    .device_slots
+                    .as_ref()
+                    .is_some_and(|s| s.generation() == reader.writer_generation());
+            if !ahead && published && slots_ready {
+                return Ok(true);
+            }
+            if self.last_notice.elapsed() > Duration::from_secs(10) {
+                if !reader.writer_alive() || self.control.conn.is_none() {
+                    info!(
+                        in_flight = self.in_flight,
+                        "waiting for the learner (it is not running)"
+                    );
+                } else {
+                    tracing::debug!(
+                        in_flight = self.in_flight,
+                        "waiting for the learner to catch up"
+                    );
+                }
+                self.last_notice = Instant::now();
+            }
+            self.notifier.alive();
+            nap(stop, Duration::from_millis(20));
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) -> Result<()> {
+        match ev {
+            Event::Connected(peer) => {
+                self.in_flight = self.ring.len().div_ceil(self.per_batch);
+                info!(
+                    policy_version = peer.policy_version,
+                    in_flight = self.in_flight,
+                    "reconnected to the learner"
+                );
+            }
+            Event::Trained {
+                batch_id,
+                version,
+                kl_behavior,
+            } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                tracing::debug!(batch_id, policy_version = version, "trained");
+                if let Some(set) = self.generator.observe_kl(batch_id, kl_behavior) {
+                    info!(
+                        batch_id,
+                        kl_behavior, set, "adaptive plan: the learner's KL moved the behavior"
+                    );
+                }
+            }
+            Event::DeviceSlots(h) => self.open_slots(&h)?,
+            Event::Shutdown => {
+                info!("the learner is done; stopping");
+                self.shutdown = true;
+            }
+            Event::Lost => {
+                // The handles belong to that learner: a new one sends its own.
+                self.device_slots = None;
+                warn!("lost the control channel to the learner; waiting for it to come back")
+            }
+        }
+        Ok(())
+    }
+
+    /// Reloads the reward module (SIGHUP), keeping the old one if the new one fails.
+    fn reload_reward(&mut self) {
+        match self.cfg.reward.build() {
+            Ok(r) => {
+                self.generator.set_reward(r);
+                info!("reloaded the reward module");
+            }
+            Err(e) => warn!("reloading the reward module failed ({e:#}); keeping the old one"),
+        }
+    }
+
+    /// Takes the newest published weights when they are newer than the behavior's: copies them
+    /// out and unpins at once, builds the behavior and sends the learner its weight probe.
+    /// `None` when the weights cannot be taken yet (a restarted learner whose handles have not
+    /// arrived, or nothing published).
+    fn take_weights(
+        &mut self,
+        reader: &mut Reader,
+        timeline: &mut Timeline,
+    ) -> Result<Option<Load>> {
+        let t = unix_now();
+        let generation = reader.writer_generation();
+        let latest = reader.latest_version();
+        if self
+            .behavior
+            .as_ref()
+            .is_some_and(|(v, (g, _))| (*g, v + 1) == (generation, latest))
+        {
+            return Ok(Some(Load::default()));
+        }
+        if self
+            .device_slots
+            .as_ref()
+            .is_some_and(|s| s.generation() != generation)
+        {
+            return Ok(None);
+        }
+        let (version, weights) = {
+            let pinned = match reader.pin() {
+                Ok(p) => p,
+                Err(PinError::NothingPublished) => return Ok(None),
+                Err(e) => return Err(e).context("while pinning the weights"),
+            };
+            let d = match &self.device_slots {
+                Some(slots) => slots.load(&pinned, &self.bridge, &self.device),
+                None => self
+                    .bridge
+                    .decoder(pinned.bytes(), &self.device)
+                    .map_err(Into::into),
+            }
+            .context("while loading the published weights")?;
+            // The store's version 0 means "nothing published": version v + 1 holds policy v.
+            (pinned.version() - 1, d)
+        };
+        let mut load = Load::default();
+        if self.device_slots.is_some() {
+            load.weights_sum = Some(self.bridge.checksum(&weights)?);
+        }
+        let behavior = match step::behavior_model(&weights, self.format)? {
+            Some(q) => q,
+            None => weights,
+        };
+        load.load_s = unix_now() - t;
+        timeline.push("load", t, unix_now());
+        // Proof for the learner that this behavior is its version `version`.
+        let t = unix_now();
+        let logprobs = self.probe.score(&behavior)?;
+        self.control.send(Message::Probe { version, logprobs });
+        load.probe_s = unix_now() - t;
+        timeline.push("probe", t, unix_now());
+        self.behavior = Some((version, (generation, behavior)));
+        Ok(Some(load))
+    }
+
+    /// Pushes a batch's records into the ring; false when stopped while the ring was full.
+    fn push(&mut self, batch: &rollout_server::RolloutBatch, stop: &AtomicBool) -> Result<bool> {
+        let records = batch.groups.iter().map(Vec::len).sum::<usize>();
+        for rec in batch.groups.iter().flatten() {
+            if !push(&mut self.ring, rec, stop, &self.notifier)? {
+                return Ok(false);
+            }
+        }
+        if records > 0 {
+            self.per_batch = records as u64;
+            self.in_flight += 1;
+        }
+        Ok(true)
+    }
+
+    /// Saves the generator's position (a restarted server continues after the last pushed
+    /// batch).
+    fn save_state(&self) -> Result<()> {
+        let state = self.generator.state();
+        write_atomic(&self.state_path, serde_json::to_string(&state)?.as_bytes())
+    }
+}
+
+/// The ring: created, or resumed after a restart (records already pushed stay).
+fn open_ring(cfg: &TrainFile, paths: &Paths, num_layers: usize) -> Result<Producer> {
     let dir = &paths.runtime_dir;
     let desc = ring_descriptor(cfg, num_layers)?;
-    let mut ring = match RolloutRing::create(dir, &paths.name, desc) {
+    let ring = match RolloutRing::create(dir, &paths.name, desc) {
         Ok(p) => p,
         Err(OpenError::Segment(SegmentError::AlreadyExists(_))) => {
             RolloutRing::resume(dir, &paths.name, desc).with_context(|| {
@@ -238,296 +601,7 @@ fn run(
         paths.name,
         ring.generation()
     );
-
-    let mut control = ControlLink {
-        file: paths.control_file(),
-        conn: None,
-        tried: None,
-        hello: Hello {
-            role: "rollout-server".into(),
-            layout_version: protocol::PROTOCOL_VERSION,
-            model_hash: bridge.model_hash().to_string(),
-            manifest_hash: bridge.manifest().hash_hex(),
-            policy_version: 0,
-            batch_id: None,
-        },
-    };
-    // Wait for the learner: the handshake, then its weight store.
-    let start = Instant::now();
-    let mut said = false;
-    let mut reader: Option<Reader> = None;
-    // The learner's device weight slots, when it runs on a GPU.
-    let mut device_slots: Option<ServerSlots> = None;
-    loop {
-        if stopping(stop) {
-            info!("stopped before the learner connected");
-            return Ok(());
-        }
-        for ev in control.poll(generator.state().next_batch_id, 0)? {
-            match ev {
-                Event::Connected(peer) => info!(
-                    policy_version = peer.policy_version,
-                    "handshake with the learner succeeded"
-                ),
-                Event::DeviceSlots(h) => {
-                    drop(device_slots.take()); // close the old handles first
-                    device_slots = Some(ServerSlots::open(&device, &bridge, &h)?);
-                }
-                _ => {}
-            }
-        }
-        if control.conn.is_some() && reader.is_none() {
-            match WeightStore::open(dir, &paths.name, bridge.manifest()) {
-                Ok(r) => reader = Some(r),
-                Err(OpenError::Segment(SegmentError::NotFound(_))) => {}
-                Err(e) => return Err(e).context("while opening the weight store"),
-            }
-        }
-        if reader.is_some() {
-            break;
-        }
-        if start.elapsed() > peer_timeout {
-            bail!(
-                "the learner did not come up within {:?} (runtime directory {}, name {})",
-                peer_timeout,
-                dir.display(),
-                paths.name
-            );
-        }
-        if !said {
-            info!(
-                "waiting for the learner (runtime directory {})",
-                dir.display()
-            );
-            said = true;
-        }
-        notifier.alive();
-        nap(stop, Duration::from_millis(50));
-    }
-    let mut reader = reader.context("no weight store")?;
-    // Batches already in the ring (from before a restart) count as in flight.
-    let mut per_batch = records_per_batch(cfg);
-    let mut in_flight = ring.len().div_ceil(per_batch);
-    notifier.ready("generating");
-    info!(batch_id = generator.state().next_batch_id, "ready");
-
-    let mut metrics = JsonLines::append(&paths.state_dir.join("metrics.jsonl"))?;
-    let mut model: Option<(u64, u64, Decoder)> = None;
-    let mut timeline = Timeline::default();
-    let mut shutdown = false;
-    let mut last_notice = Instant::now();
-    while !(stopping(stop) || shutdown) {
-        // Wait while too far ahead of the learner, or while there are no weights.
-        let wait_start = unix_now();
-        loop {
-            let policy_version = model.as_ref().map(|m| m.1).unwrap_or(0);
-            for ev in control.poll(generator.state().next_batch_id, policy_version)? {
-                match ev {
-                    Event::Connected(peer) => {
-                        in_flight = ring.len().div_ceil(per_batch);
-                        info!(
-                            policy_version = peer.policy_version,
-                            in_flight, "reconnected to the learner"
-                        );
-                    }
-                    Event::Trained {
-                        batch_id,
-                        version,
-                        kl_behavior,
-                    } => {
-                        in_flight = in_flight.saturating_sub(1);
-                        tracing::debug!(batch_id, policy_version = version, "trained");
-                        if let Some(set) = generator.observe_kl(batch_id, kl_behavior) {
-                            info!(
-                                batch_id,
-                                kl_behavior,
-                                set,
-                                "adaptive plan: the learner's KL moved the behavior"
-                            );
-                        }
-                    }
-                    Event::DeviceSlots(h) => {
-                        drop(device_slots.take()); // close the old handles first
-                        device_slots = Some(ServerSlots::open(&device, &bridge, &h)?);
-                    }
-                    Event::Shutdown => {
-                        info!("the learner is done; stopping");
-                        shutdown = true;
-                    }
-                    Event::Lost => {
-                        // The handles belong to that learner: a new one sends its own.
-                        device_slots = None;
-                        warn!(
-                            "lost the control channel to the learner; waiting for it to come back"
-                        )
-                    }
-                }
-            }
-            if shutdown || stopping(stop) {
-                break;
-            }
-            let ahead = in_flight > cfg.max_staleness;
-            let published = reader.latest_version() > 0;
-            // On a GPU the weights travel through the device slots of the learner that
-            // published them: wait for its handles.
-            let slots_ready = device.is_cpu()
-                || device_slots
-                    .as_ref()
-                    .is_some_and(|s| s.generation() == reader.writer_generation());
-            if !ahead && published && slots_ready {
-                break;
-            }
-            if last_notice.elapsed() > Duration::from_secs(10) {
-                if !reader.writer_alive() || control.conn.is_none() {
-                    info!(in_flight, "waiting for the learner (it is not running)");
-                } else {
-                    tracing::debug!(in_flight, "waiting for the learner to catch up");
-                }
-                last_notice = Instant::now();
-            }
-            notifier.alive();
-            nap(stop, Duration::from_millis(20));
-        }
-        if shutdown || stopping(stop) {
-            break;
-        }
-        let wait_end = unix_now();
-        if wait_end - wait_start > 1e-3 {
-            timeline.push("wait", wait_start, wait_end);
-        }
-        if reload.swap(false, Ordering::Relaxed) {
-            // Relaxed: a plain flag set by the SIGHUP handler.
-            match cfg.reward.build() {
-                Ok(r) => {
-                    generator.set_reward(r);
-                    info!("reloaded the reward module");
-                }
-                Err(e) => warn!("reloading the reward module failed ({e:#}); keeping the old one"),
-            }
-        }
-        // Newest weights: copy them out and unpin at once.
-        let t = unix_now();
-        let generation = reader.writer_generation();
-        let latest = reader.latest_version();
-        let mut load_s = 0.0;
-        let mut probe_s = 0.0;
-        let mut weights_sum = None;
-        if model
-            .as_ref()
-            .is_none_or(|m| (m.0, m.1 + 1) != (generation, latest))
-        {
-            if device_slots
-                .as_ref()
-                .is_some_and(|s| s.generation() != generation)
-            {
-                // A restarted learner: wait for its slots' handles.
-                continue;
-            }
-            let (version, decoder) = {
-                let pinned = match reader.pin() {
-                    Ok(p) => p,
-                    Err(PinError::NothingPublished) => continue,
-                    Err(e) => return Err(e).context("while pinning the weights"),
-                };
-                let d = match &device_slots {
-                    Some(slots) => slots.load(&pinned, &bridge, &device),
-                    None => bridge.decoder(pinned.bytes(), &device).map_err(Into::into),
-                }
-                .context("while loading the published weights")?;
-                (pinned.version() - 1, d)
-            };
-            if device_slots.is_some() {
-                weights_sum = Some(bridge.checksum(&decoder)?);
-            }
-            // An 8-bit behavior is re-quantized from every new set of weights.
-            let decoder = match format {
-                model::WeightFormat::F32 => decoder,
-                q => decoder
-                    .quantized(q)
-                    .context("while quantizing the behavior's weights")?,
-            };
-            load_s = unix_now() - t;
-            timeline.push("load", t, unix_now());
-            // Proof for the learner that this behavior is its version `version`.
-            let t = unix_now();
-            let logprobs = probe.score(&decoder)?;
-            control.send(Message::Probe { version, logprobs });
-            probe_s = unix_now() - t;
-            timeline.push("probe", t, unix_now());
-            model = Some((generation, version, decoder));
-        }
-        let Some((_, policy_version, decoder)) = model.as_ref() else {
-            continue;
-        };
-        let policy_version = *policy_version;
-        let t_gen = unix_now();
-        let batch = generator
-            .next_batch(decoder, policy_version)
-            .context("while generating a batch")?;
-        // Generation and scoring ran back to back; split the span at the measured times.
-        let gen_end = t_gen + batch.stats.generation_s;
-        timeline.push("generate", t_gen, gen_end);
-        timeline.push("score", gen_end, gen_end + batch.stats.reward_s);
-        let t = unix_now();
-        let records = batch.groups.iter().map(Vec::len).sum::<usize>();
-        let mut pushed_all = true;
-        for rec in batch.groups.iter().flatten() {
-            if !push(&mut ring, rec, stop, &notifier)? {
-                pushed_all = false;
-                break;
-            }
-        }
-        if !pushed_all {
-            // Stopped while the ring was full: the state is not saved, so a restarted server
-            // generates this batch again under the same id (the learner merges the copies).
-            warn!(
-                batch_id = batch.batch_id,
-                "stopped while pushing; the batch will be redone"
-            );
-            break;
-        }
-        let push_s = unix_now() - t;
-        timeline.push("push", t, unix_now());
-        if records > 0 {
-            per_batch = records as u64;
-            in_flight += 1;
-        }
-        let state = generator.state();
-        write_atomic(&state_path, serde_json::to_string(&state)?.as_bytes())?;
-        info!(
-            batch_id = batch.batch_id,
-            policy_version,
-            records,
-            in_flight,
-            tokens_per_s = batch.stats.behavior_tokens_per_s,
-            "batch pushed"
-        );
-        metrics.write(&BatchLine {
-            batch_id: batch.batch_id,
-            policy_version,
-            skipped_layers: batch.plan.skipped(),
-            skipped_units: batch
-                .plan
-                .skipped_units()
-                .iter()
-                .map(|u| u.to_string())
-                .collect(),
-            wall_s: unix_now(),
-            records,
-            generation: &batch.stats,
-            wait_s: wait_end - wait_start,
-            load_s,
-            probe_s,
-            weights_sum,
-            push_s,
-            in_flight,
-            spans: timeline.take(),
-        })?;
-        notifier.alive();
-    }
-    notifier.stopping();
-    info!("stopped");
-    Ok(())
+    Ok(ring)
 }
 
 fn records_per_batch(cfg: &TrainFile) -> u64 {

@@ -9,6 +9,7 @@ pub mod procs;
 pub use config::{load_config_file, Mode, ModelSource, TrainArgs, TrainConfig, TrainFile};
 
 use crate::probe::{Probe, ProbeCheck};
+use crate::step;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use learner::{Learner, StepStats};
@@ -27,10 +28,9 @@ use std::time::Instant;
 struct MetricsLine<'a> {
     step: u64,
     batch_id: u64,
-    /// Layers the behavior skipped in this batch.
-    skipped_layers: Vec<usize>,
-    /// Everything the plan skipped: layers (`12`), attention (`a12`) and MLP blocks (`m12`).
-    skipped_units: Vec<String>,
+    /// What the behavior skipped in this batch.
+    #[serde(flatten)]
+    skips: step::Skips,
     /// Seconds since the run started.
     wall_s: f64,
     /// Seconds of this step (generation + scoring + update).
@@ -132,24 +132,24 @@ fn train(cfg: &TrainConfig) -> Result<()> {
         out.display()
     );
     let mut metrics = BufWriter::new(create(&out.join("metrics.jsonl"))?);
-    let mut samples = BufWriter::new(create(&out.join("samples.jsonl"))?);
+    let samples_path = out.join("samples.jsonl");
+    // A fresh file per run (the two-process learner appends to it when it resumes).
+    create(&samples_path)?;
+    let mut samples = step::SampleLog::append(&samples_path)?;
     let bar = progress_bar(f.steps);
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut curve = Vec::new();
     for step in 0..f.steps {
         let t0 = Instant::now();
-        // An 8-bit behavior is re-quantized from the weights of this step.
-        let behavior = match format {
-            model::WeightFormat::F32 => None,
-            q => Some(learner.model().quantized(q)?),
-        };
-        let batch = generator
-            .next_batch(
-                behavior.as_ref().unwrap_or(learner.model()),
-                learner.version(),
-            )
-            .with_context(|| format!("while generating batch {step}"))?;
+        // Take weights: the behavior is the learner's model (re-quantized for 8 bits).
+        let behavior = step::behavior_model(learner.model(), format)?;
+        // Draw the plan, generate, score, make the records.
+        let batch = step::generate(
+            &mut generator,
+            behavior.as_ref().unwrap_or(learner.model()),
+            learner.version(),
+        )?;
         let probes = match &behavior {
             Some(b) => {
                 let check = ProbeCheck::compare(
@@ -171,15 +171,9 @@ fn train(cfg: &TrainConfig) -> Result<()> {
             None => Vec::new(),
         };
         drop(behavior);
-        let stats = learner
-            .step(&batch.groups)
-            .with_context(|| format!("while training on batch {step}"))?;
-        // A batch that trained no tokens (every group uniform) measured nothing.
-        let kl = if stats.tokens > 0 {
-            stats.kl_behavior_k3
-        } else {
-            f64::NAN
-        };
+        // Update.
+        let stats = step::update(&mut learner, batch.batch_id, &batch.groups)?;
+        let kl = step::measured_kl(Some(&stats));
         if let Some(set) = generator.observe_kl(batch.batch_id, kl) {
             bar.suspend(|| {
                 eprintln!(
@@ -192,13 +186,7 @@ fn train(cfg: &TrainConfig) -> Result<()> {
         let line = MetricsLine {
             step,
             batch_id: batch.batch_id,
-            skipped_layers: batch.plan.skipped(),
-            skipped_units: batch
-                .plan
-                .skipped_units()
-                .iter()
-                .map(|u| u.to_string())
-                .collect(),
+            skips: step::Skips::of(&batch.plan),
             wall_s: start.elapsed().as_secs_f64(),
             step_s: t0.elapsed().as_secs_f64(),
             generation: &batch.stats,
@@ -208,14 +196,7 @@ fn train(cfg: &TrainConfig) -> Result<()> {
         serde_json::to_writer(&mut metrics, &line)?;
         metrics.write_all(b"\n")?;
         metrics.flush()?;
-        if let Some((prompt, completion, reward)) = &batch.example {
-            serde_json::to_writer(
-                &mut samples,
-                &serde_json::json!({"step": step, "prompt": prompt, "completion": completion, "reward": reward}),
-            )?;
-            samples.write_all(b"\n")?;
-            samples.flush()?;
-        }
+        samples.write(step + 1, batch.batch_id, &batch.groups, &tokenizer)?;
         curve.push((step, stats.reward_mean, stats.accuracy));
         let msg = format!(
             "reward {:.3} acc {:.2} | gen {:.0} tok/s, learn {:.0} tok/s | KL(μ‖π) {:.3}{}",

@@ -151,6 +151,7 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
     if !opts.resume {
         // A fresh run starts fresh files (a resumed one appends to them).
         let _ = std::fs::remove_file(&metrics_path);
+        let _ = std::fs::remove_file(out.join("samples.jsonl"));
         let _ = std::fs::remove_dir_all(out.join("rollout-server"));
         let _ = std::fs::remove_dir_all(out.join("checkpoints"));
     }
