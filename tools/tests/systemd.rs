@@ -71,10 +71,28 @@ fn units_pass_systemd_analyze_verify() {
         );
     }
 
-    // The units name /usr/local/bin/<binary>; verify checks that each ExecStart program exists
-    // and is executable, so point them at the real binaries' directory of this build.
-    let bin_dir = built_bin_dir();
     let tmp = tempfile::tempdir().unwrap();
+    let paths = units_with_built_binaries(tmp.path());
+
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--recursive-errors=no"])
+        .args(&paths)
+        .output()
+        .expect("start systemd-analyze");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.trim().is_empty() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+}
+
+/// The units written to `dir` with their ExecStart pointing at this build's binaries (they name
+/// /usr/local/bin/<binary>, and `systemd-analyze` checks that each program exists and is
+/// executable).
+fn units_with_built_binaries(dir: &Path) -> Vec<PathBuf> {
+    let bin_dir = built_bin_dir();
     let mut paths = Vec::new();
     for name in UNITS {
         let text = read_unit(name);
@@ -99,23 +117,68 @@ fn units_pass_systemd_analyze_verify() {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let path = tmp.path().join(name);
+        let path = dir.join(name);
         std::fs::write(&path, rewritten + "\n").unwrap();
         paths.push(path);
     }
+    paths
+}
 
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--recursive-errors=no"])
-        .args(&paths)
-        .output()
-        .expect("start systemd-analyze");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.trim().is_empty() && stderr.trim().is_empty(),
-        "systemd-analyze verify: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
+/// Exposure of each service by `systemd-analyze security --offline=true` (0 is the best, 10
+/// the worst): at most 2.0, i.e. no network, a system-call deny list, /proc and user isolation,
+/// only pseudo-devices. Skipped, saying so, where systemd-analyze predates `--offline` (250).
+#[test]
+fn services_expose_at_most_2_of_10_to_the_offline_security_analysis() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = units_with_built_binaries(tmp.path());
+    for path in paths
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "service"))
+    {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(path)
+            .output()
+            .expect("start systemd-analyze");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if text.contains("unrecognized option") || text.contains("Unknown option") {
+            eprintln!("skipped: this systemd-analyze has no --offline (systemd < 250): {text}");
+            return;
+        }
+        let name = path.file_name().unwrap().to_string_lossy();
+        let line = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("{name}: no overall exposure in:\n{text}"));
+        let level: f64 = line
+            .split(':')
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: cannot read the level in {line:?}"));
+        assert!(level <= 2.0, "{name}: exposure {level} > 2.0:\n{text}");
+        // The deny list names the groups a trainer never needs.
+        for group in [
+            "@debug",
+            "@module",
+            "@mount",
+            "@obsolete",
+            "@reboot",
+            "@swap",
+            "@raw-io",
+            "@cpu-emulation",
+        ] {
+            let open = format!("✗ SystemCallFilter=~{group} ");
+            assert!(
+                !text.contains(&open),
+                "{name}: {group} is not denied:\n{text}"
+            );
+        }
+    }
 }
 
 /// What verify cannot see: the settings the two processes rely on to find each other, to be
