@@ -29,8 +29,9 @@ pub struct Hello {
     /// learner: the policy version it has published (0: none yet). The rollout server: the
     /// version of the weights it generates with (0: none yet).
     pub policy_version: u64,
-    /// The learner: the batch it is training on now (`None`: idle). The rollout server: the id
-    /// of the next batch it will generate.
+    /// The learner: the next batch it needs, one past the newest it received (`None`: none
+    /// yet); a server whose ring lost the batches in between generates them again. The rollout
+    /// server: the id of the next batch it will generate.
     pub batch_id: Option<u64>,
 }
 

@@ -50,8 +50,8 @@ pub use record::{
 };
 #[cfg(not(loom))]
 pub use ring::{
-    parse_ring_header, Consumer, Descriptor, Pending, Producer, RolloutRing, RING_LAYOUT_VERSION,
-    RING_MAGIC,
+    parse_ring_header, Consumer, Descriptor, Heartbeat, Liveness, Observer, Pending, Producer,
+    RolloutRing, RING_LAYOUT_VERSION, RING_MAGIC,
 };
 #[cfg(not(loom))]
 pub use segment::default_runtime_dir;

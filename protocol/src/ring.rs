@@ -3,8 +3,8 @@
 //! Segment layout (`name.ring`):
 //! - `0..64`: [`RingHeaderFixed`] (magic stored last with Release, layout version, descriptor),
 //!   then the generation at 40 and the quarantine counter at 64.
-//! - `128`: `head` and the producer heartbeat on their own 128-byte line; `256`: `tail` and the
-//!   consumer heartbeat on theirs.
+//! - `128`: `head`, the producer heartbeat and the producer's pid on their own 128-byte line;
+//!   `256`: `tail`, the consumer heartbeat and the consumer's pid on theirs.
 //! - `4096 + i * slot_size`: slot `i`: commit word, length, CRC32C, batch id, policy version,
 //!   sequence, then the encoded record at `+64`.
 //!
@@ -12,6 +12,7 @@
 //! the life of the handle: a peer that finds the lock free knows the role's process is gone.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::crc::{copy_with_crc, crc32c_append};
@@ -33,8 +34,10 @@ const OFF_HEAD: usize = 128;
 // Each heartbeat shares the line its writer already owns (head's or tail's), so the two sides
 // never write the same cache line on the hot path.
 const OFF_PRODUCER_HEARTBEAT: usize = 136;
+const OFF_PRODUCER_PID: usize = 144;
 const OFF_TAIL: usize = 256;
 const OFF_CONSUMER_HEARTBEAT: usize = 264;
+const OFF_CONSUMER_PID: usize = 272;
 const SLOTS_OFFSET: usize = 4096;
 const SLOT_HEADER: usize = 64;
 const SLOT_OFF_LEN: usize = 8;
@@ -201,8 +204,7 @@ impl RolloutRing {
         unsafe { std::ptr::write(seg.ptr().cast::<RingHeaderFixed>(), fixed) };
         let ring = Mapped::new(seg, desc);
         ring.word(OFF_GENERATION).store(1, Ordering::Relaxed);
-        ring.word(OFF_PRODUCER_HEARTBEAT)
-            .store(monotonic_ns(), Ordering::Relaxed);
+        ring.mark_holder(OFF_PRODUCER_HEARTBEAT, OFF_PRODUCER_PID);
         // Release: publishes the header fields written above; pairs with the Acquire load of
         // the magic in `Mapped::open`.
         ring.word(0).store(RING_MAGIC, Ordering::Release);
@@ -217,7 +219,7 @@ impl RolloutRing {
     /// Re-attaches a restarted producer to an existing ring whose producer died. Bumps the
     /// generation and continues after the last committed record; uncommitted data is dropped.
     pub fn resume(dir: &Path, name: &str, desc: Descriptor) -> Result<Producer, OpenError> {
-        let ring = Mapped::open(dir, name, &desc)?;
+        let ring = Mapped::open(dir, name, Some(&desc))?;
         Segment::take_role(&ring.seg, PRODUCER_LOCK_BYTE, "producer")?;
         // AcqRel: we own the role exclusively now; the consumer reads the generation Relaxed
         // for reporting only.
@@ -229,8 +231,7 @@ impl RolloutRing {
             head += 1;
         }
         ring.head().store(head, Ordering::Release);
-        ring.word(OFF_PRODUCER_HEARTBEAT)
-            .store(monotonic_ns(), Ordering::Relaxed);
+        ring.mark_holder(OFF_PRODUCER_HEARTBEAT, OFF_PRODUCER_PID);
         Ok(Producer {
             ring,
             head,
@@ -241,8 +242,9 @@ impl RolloutRing {
 
     /// Opens an existing ring as its consumer.
     pub fn open(dir: &Path, name: &str, desc: Descriptor) -> Result<Consumer, OpenError> {
-        let ring = Mapped::open(dir, name, &desc)?;
+        let ring = Mapped::open(dir, name, Some(&desc))?;
         Segment::take_role(&ring.seg, CONSUMER_LOCK_BYTE, "consumer")?;
+        ring.mark_holder(OFF_CONSUMER_HEARTBEAT, OFF_CONSUMER_PID);
         // Acquire pairs with the consumer_release of a previous consumer of this ring.
         let tail = ring.tail().load(Ordering::Acquire);
         // One page of slack lets every copy-out start at the payload's offset within a page
@@ -256,6 +258,14 @@ impl RolloutRing {
         })
     }
 
+    /// Opens an existing ring to watch both sides' liveness, taking no role: for a supervisor
+    /// of the two processes. The descriptor is read from the ring's header.
+    pub fn observe(dir: &Path, name: &str) -> Result<Observer, OpenError> {
+        Ok(Observer {
+            ring: Mapped::open(dir, name, None)?,
+        })
+    }
+
     /// Removes the segment file (mappings stay valid until their handles drop).
     pub fn remove(dir: &Path, name: &str) -> std::io::Result<()> {
         std::fs::remove_file(dir.join(format!("{name}.{EXT}")))
@@ -265,7 +275,8 @@ impl RolloutRing {
 /// A mapped, header-checked ring segment.
 #[derive(Debug)]
 struct Mapped {
-    seg: Segment,
+    /// Shared with the holder's [`Heartbeat`]s.
+    seg: Arc<Segment>,
     desc: Descriptor,
     slot_size: usize,
 }
@@ -274,21 +285,26 @@ impl Mapped {
     fn new(seg: Segment, desc: Descriptor) -> Self {
         let slot_size = desc.slot_size().unwrap_or(0);
         Self {
-            seg,
+            seg: Arc::new(seg),
             desc,
             slot_size,
         }
     }
 
-    fn open(dir: &Path, name: &str, desc: &Descriptor) -> Result<Self, OpenError> {
-        let size = desc.validate()?;
+    /// Opens and checks `dir/name.ring`: against `desc` when given, else against the
+    /// descriptor its header holds.
+    fn open(dir: &Path, name: &str, desc: Option<&Descriptor>) -> Result<Self, OpenError> {
+        if let Some(desc) = desc {
+            desc.validate()?;
+        }
         let seg = Segment::open(dir, name, EXT, None)?;
         let header_err = |source| OpenError::Header {
             path: seg.path().to_owned(),
             source,
         };
         let fixed: [u8; FIXED_BYTES] = seg.published_prefix(SLOTS_OFFSET).map_err(header_err)?;
-        parse_ring_header(&fixed, Some(desc)).map_err(header_err)?;
+        let desc = parse_ring_header(&fixed, desc).map_err(header_err)?;
+        let size = desc.validate()?;
         if seg.len() != size {
             return Err(SegmentError::WrongSize {
                 path: seg.path().to_owned(),
@@ -297,7 +313,7 @@ impl Mapped {
             }
             .into());
         }
-        Ok(Self::new(seg, *desc))
+        Ok(Self::new(seg, desc))
     }
 
     fn word(&self, offset: usize) -> &AtomicU64 {
@@ -332,6 +348,91 @@ impl Mapped {
         // An error here (should not happen on a valid fd) is treated as "alive": we never
         // report a peer dead without the kernel's word for it.
         self.seg.byte_locked_by_other(byte).unwrap_or(true)
+    }
+
+    /// Records this process as the holder of a role that was just taken: its pid, and a first
+    /// beat.
+    fn mark_holder(&self, heartbeat: usize, pid: usize) {
+        // Relaxed: both words are diagnostics for the peer and a supervisor; no data depends
+        // on them.
+        self.word(pid)
+            .store(u64::from(std::process::id()), Ordering::Relaxed);
+        self.word(heartbeat)
+            .store(monotonic_ns(), Ordering::Relaxed);
+    }
+
+    /// What the ring shows of the role whose lock is `byte`.
+    fn liveness(&self, byte: u64, heartbeat: usize, pid: usize) -> Liveness {
+        // Relaxed: diagnostic words (see `mark_holder`).
+        let beat = self.word(heartbeat).load(Ordering::Relaxed);
+        let pid = self.word(pid).load(Ordering::Relaxed);
+        Liveness {
+            held: self.alive(byte),
+            pid: u32::try_from(pid).ok().filter(|&p| p != 0),
+            silent: Duration::from_nanos(monotonic_ns().saturating_sub(beat)),
+        }
+    }
+
+    fn heartbeat(&self, heartbeat: usize) -> Heartbeat {
+        Heartbeat {
+            seg: Arc::clone(&self.seg),
+            offset: heartbeat,
+        }
+    }
+}
+
+/// What the ring shows of one side: whether a process holds the role (the kernel's word), its
+/// pid, and how long since it last beat. A holder whose beats stop while it holds the role is
+/// alive but hung (stopped, in a debugger, thrashing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// A process holds the role.
+    pub held: bool,
+    /// The pid the last holder recorded (`None` before any did).
+    pub pid: Option<u32>,
+    /// Time since the holder's last beat (or commit/release, which also beat).
+    pub silent: Duration,
+}
+
+/// A handle that beats one side's heartbeat word, for a thread of its own: the side's work
+/// (a generation, a training step) may take longer than the peer's patience, so liveness is
+/// beaten apart from progress. A stopped process (SIGSTOP) stops all its threads, and so its
+/// beats.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    seg: Arc<Segment>,
+    offset: usize,
+}
+
+impl Heartbeat {
+    /// Records "alive now".
+    pub fn beat(&self) {
+        // SAFETY: `offset` is one of the fixed, 8-aligned heartbeat words inside the header page
+        // of the checked segment, which `seg` keeps mapped; the word is only accessed
+        // atomically.
+        let word = unsafe { atomic_u64_at(self.seg.ptr().add(self.offset).cast()) };
+        // Relaxed: a diagnostic timestamp; no data depends on it.
+        word.store(monotonic_ns(), Ordering::Relaxed);
+    }
+}
+
+/// A role-less view of a ring for a supervisor: both sides' liveness.
+#[derive(Debug)]
+pub struct Observer {
+    ring: Mapped,
+}
+
+impl Observer {
+    /// The producer (rollout server).
+    pub fn producer(&self) -> Liveness {
+        self.ring
+            .liveness(PRODUCER_LOCK_BYTE, OFF_PRODUCER_HEARTBEAT, OFF_PRODUCER_PID)
+    }
+
+    /// The consumer (learner).
+    pub fn consumer(&self) -> Liveness {
+        self.ring
+            .liveness(CONSUMER_LOCK_BYTE, OFF_CONSUMER_HEARTBEAT, OFF_CONSUMER_PID)
     }
 }
 
@@ -395,6 +496,17 @@ impl Producer {
     /// Whether a consumer process currently holds the ring.
     pub fn consumer_alive(&self) -> bool {
         self.ring.alive(CONSUMER_LOCK_BYTE)
+    }
+
+    /// The consumer's liveness: held, pid, time since its last beat.
+    pub fn consumer(&self) -> Liveness {
+        self.ring
+            .liveness(CONSUMER_LOCK_BYTE, OFF_CONSUMER_HEARTBEAT, OFF_CONSUMER_PID)
+    }
+
+    /// A handle beating this producer's heartbeat from another thread.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.ring.heartbeat(OFF_PRODUCER_HEARTBEAT)
     }
 
     /// Writes the record into the next slot without committing it.
@@ -517,7 +629,18 @@ impl Consumer {
         self.ring.alive(PRODUCER_LOCK_BYTE)
     }
 
-    /// Time since the producer last committed (or started).
+    /// The producer's liveness: held, pid, time since its last beat.
+    pub fn producer(&self) -> Liveness {
+        self.ring
+            .liveness(PRODUCER_LOCK_BYTE, OFF_PRODUCER_HEARTBEAT, OFF_PRODUCER_PID)
+    }
+
+    /// A handle beating this consumer's heartbeat from another thread.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.ring.heartbeat(OFF_CONSUMER_HEARTBEAT)
+    }
+
+    /// Time since the producer last beat (a commit, a [`Heartbeat::beat`], or its start).
     pub fn producer_heartbeat_age(&self) -> Duration {
         // Relaxed: diagnostic timestamp.
         let beat = self

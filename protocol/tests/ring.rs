@@ -360,3 +360,41 @@ fn flipped_byte_is_quarantined_by_the_in_place_pop_too() {
     assert_eq!(delivered, [0, 2]);
     assert_eq!(c.quarantined(), 1);
 }
+
+#[test]
+fn an_observer_sees_each_sides_holder_pid_and_silence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(matches!(
+        RolloutRing::observe(dir.path(), "r"),
+        Err(OpenError::Segment(SegmentError::NotFound(_)))
+    ));
+    let p = RolloutRing::create(dir.path(), "r", common::desc(2)).expect("create");
+    let o = RolloutRing::observe(dir.path(), "r").expect("observe");
+    let me = std::process::id();
+    let prod = o.producer();
+    assert!(prod.held);
+    assert_eq!(prod.pid, Some(me));
+    assert!(prod.silent < Duration::from_secs(5), "{prod:?}");
+    let c = o.consumer();
+    assert!(!c.held && c.pid.is_none(), "no consumer yet: {c:?}");
+
+    let cons = RolloutRing::open(dir.path(), "r", common::desc(2)).expect("open");
+    assert!(o.consumer().held);
+    assert_eq!(o.consumer().pid, Some(me));
+    assert_eq!(cons.producer().pid, Some(me));
+    assert!(p.consumer().held);
+
+    // Silence grows until a beat, from any thread holding a heartbeat handle.
+    std::thread::sleep(Duration::from_millis(60));
+    assert!(o.producer().silent >= Duration::from_millis(50));
+    let hb = p.heartbeat();
+    std::thread::spawn(move || hb.beat()).join().expect("beat");
+    assert!(o.producer().silent < Duration::from_millis(50));
+    assert!(cons.producer().silent < Duration::from_millis(50));
+
+    // A holder that lets go is no longer held (dead, not hung); its last pid stays.
+    drop(cons);
+    let c = o.consumer();
+    assert!(!c.held);
+    assert_eq!(c.pid, Some(me));
+}

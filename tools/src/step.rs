@@ -202,6 +202,113 @@ pub fn wait_for_peer<T>(
     }
 }
 
+/// Beats one side's ring heartbeat once a second on a thread of its own, until dropped: the
+/// peer (and `nested-reft train`) tell a process that is working from one that is stopped.
+pub struct Beating {
+    stop: std::sync::Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Beating {
+    /// How often the thread beats.
+    pub const PERIOD: Duration = Duration::from_secs(1);
+
+    /// Starts beating `heartbeat`.
+    pub fn start(heartbeat: protocol::Heartbeat) -> Result<Self> {
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || {
+                // Relaxed: a plain stop flag; the join in `drop` orders the rest.
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    heartbeat.beat();
+                    std::thread::park_timeout(Self::PERIOD);
+                }
+            })
+            .context("while starting the heartbeat thread")?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Beating {
+    fn drop(&mut self) {
+        // Relaxed: see `start`.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Watches the peer's heartbeat while this side waits for it: a peer that holds its side of
+/// the ring but has not beaten for `timeout` is reported hung (by name and pid, once per
+/// episode), and again when it beats again.
+#[derive(Debug)]
+pub struct PeerWatch {
+    peer: &'static str,
+    timeout: Duration,
+    /// The pid of the peer reported hung, while it is.
+    hung: Option<Option<u32>>,
+    hangs: u64,
+}
+
+impl PeerWatch {
+    /// Watches `peer` ("the learner", "the rollout server").
+    pub fn new(peer: &'static str, timeout: Duration) -> Self {
+        Self {
+            peer,
+            timeout,
+            hung: None,
+            hangs: 0,
+        }
+    }
+
+    /// Hung episodes seen so far (for the metrics).
+    pub fn hangs(&self) -> u64 {
+        self.hangs
+    }
+
+    /// Looks at what the ring shows of the peer; true while it is hung.
+    pub fn check(&mut self, peer: protocol::Liveness) -> bool {
+        let pid = peer.pid.map_or_else(|| "?".to_string(), |p| p.to_string());
+        let now_hung = peer.held && peer.silent > self.timeout;
+        match (self.hung.is_some(), now_hung) {
+            (false, true) => {
+                self.hangs += 1;
+                self.hung = Some(peer.pid);
+                tracing::error!(
+                    peer = self.peer,
+                    pid = peer.pid,
+                    silent_s = peer.silent.as_secs_f64(),
+                    hangs = self.hangs,
+                    "{} (pid {pid}) is hung: no heartbeat for {:.0} s (hang_timeout_s is {:.0}); \
+                     it holds its side of the ring, so it is not dead: is it stopped (SIGSTOP, \
+                     a debugger) or starved? Waiting for it",
+                    self.peer,
+                    peer.silent.as_secs_f64(),
+                    self.timeout.as_secs_f64()
+                );
+            }
+            (true, false) => {
+                self.hung = None;
+                tracing::warn!(
+                    peer = self.peer,
+                    pid = peer.pid,
+                    "{} (pid {pid}) beats again; going on",
+                    self.peer
+                );
+            }
+            _ => {}
+        }
+        now_hung
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +382,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, Some(7));
+    }
+
+    #[test]
+    fn a_silent_holder_is_hung_once_per_episode_and_a_dead_one_never() {
+        let live = |held, secs| protocol::Liveness {
+            held,
+            pid: Some(42),
+            silent: Duration::from_secs(secs),
+        };
+        let mut w = PeerWatch::new("the learner", Duration::from_secs(5));
+        assert!(!w.check(live(true, 4)));
+        assert!(w.check(live(true, 6)));
+        assert!(w.check(live(true, 60)));
+        assert_eq!(w.hangs(), 1, "one episode, however long");
+        assert!(!w.check(live(true, 0)), "it beat again");
+        assert!(w.check(live(true, 7)));
+        assert_eq!(w.hangs(), 2);
+        // A process that let go of its role is gone, not hung: the kernel says so.
+        assert!(!w.check(live(false, 600)));
+        assert_eq!(w.hangs(), 2);
     }
 }

@@ -641,3 +641,293 @@ fn a_model_mismatch_is_refused_at_the_handshake_naming_both() {
         );
     }
 }
+
+/// The trained steps of a run directory: (step, batch id, reward mean), the last line of each
+/// step (a resume rolls back the steps after its checkpoint).
+fn trained_steps(dir: &Path) -> Vec<(u64, u64, f64)> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for v in step_lines(&dir.join("metrics.jsonl")) {
+        let Some(u) = v.get("update").filter(|u| !u.is_null()) else {
+            continue;
+        };
+        by_step.insert(
+            v["step"].as_u64().unwrap(),
+            (
+                v["batch_id"].as_u64().unwrap(),
+                u["reward_mean"].as_f64().unwrap(),
+            ),
+        );
+    }
+    by_step.into_iter().map(|(s, (b, r))| (s, b, r)).collect()
+}
+
+/// The files of a run's newest checkpoint that hold state: the model and the optimizer.
+fn newest_checkpoint_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let ckpt = dir.join("checkpoints");
+    let name = latest(&ckpt).expect("no checkpoint");
+    ["model.safetensors", "optimizer.safetensors"]
+        .iter()
+        .map(|f| {
+            (
+                format!("{name}/{f}"),
+                std::fs::read(ckpt.join(&name).join(f)).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `sync` mode, 2 steps, SIGTERM, `--resume`, 2 more: the same as 4 uninterrupted steps, bit
+/// for bit (weights, optimizer moments, the batches and their samples, the rewards). The
+/// interrupted run's records of a batch pushed but not trained are lost with the runtime
+/// directory; the server generates that batch again at the learner's handshake.
+#[test]
+fn a_resumed_sync_run_equals_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |out: &Path, extra: &[&str]| {
+        let mut cmd = Command::new(CLI);
+        cmd.args(["train", "--mode", "sync", "--steps", "4", "--seed", "5"])
+            .args([
+                "--prompts-per-batch",
+                "2",
+                "-g",
+                "2",
+                "--max-new-tokens",
+                "16",
+            ])
+            .args([
+                "--temperature",
+                "1.0",
+                "--lr",
+                "1e-4",
+                "--checkpoint-every",
+                "2",
+            ])
+            .args(["--learner-threads", "1", "--server-threads", "1"])
+            .arg("--output-dir")
+            .arg(out)
+            .args(extra)
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let whole = dir.path().join("whole");
+    let o = train(&whole, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let parts = dir.path().join("parts");
+    let mut child = train(&parts, &[]).spawn().unwrap();
+    let start = Instant::now();
+    while trained_steps(&parts).len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(900),
+            "step 2 never came"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "train exited before step 2"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stopped_at = trained_steps(&parts).len();
+    assert!(
+        (2..4).contains(&stopped_at),
+        "stopped after {stopped_at} steps"
+    );
+    let o = train(&parts, &["--resume"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let (a, b) = (trained_steps(&whole), trained_steps(&parts));
+    assert_eq!(a.len(), 4, "{a:?}");
+    assert_eq!(a, b, "steps (step, batch, reward) differ");
+    let samples = |d: &Path| -> Vec<Value> {
+        let mut by_step = std::collections::BTreeMap::new();
+        for v in lines(&d.join("samples.jsonl")) {
+            by_step.insert(v["step"].as_u64().unwrap(), v);
+        }
+        by_step.into_values().collect()
+    };
+    assert_eq!(
+        samples(&whole),
+        samples(&parts),
+        "the batches' samples differ"
+    );
+    let (ca, cb) = (
+        newest_checkpoint_bytes(&whole),
+        newest_checkpoint_bytes(&parts),
+    );
+    for ((na, ba), (nb, bb)) in ca.iter().zip(&cb) {
+        assert_eq!(na, nb);
+        assert!(
+            ba == bb,
+            "{na} differs between the whole and the resumed run"
+        );
+    }
+}
+
+/// `nested-reft train` on the tiny batches, with `extra` flags.
+fn tiny_train(out: &Path, mode: &str, steps: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(CLI);
+    cmd.args(["train", "--mode", mode, "--steps", steps, "--seed", "5"])
+        .args([
+            "--prompts-per-batch",
+            "2",
+            "-g",
+            "2",
+            "--max-new-tokens",
+            "8",
+        ])
+        .args(["--temperature", "1.0", "--checkpoint-every", "0"])
+        .args(["--learner-threads", "1", "--server-threads", "1"])
+        .arg("--output-dir")
+        .arg(out)
+        .args(extra)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The pid of `parent`'s child whose command name starts `bin` (the kernel keeps 15 bytes).
+fn child_pid(parent: u32, bin: &str) -> i32 {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": the name may hold spaces, so split at the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid = stat[close + 1..].split_whitespace().nth(1);
+        if ppid == Some(parent.to_string().as_str()) && bin.starts_with(comm) {
+            return pid;
+        }
+    }
+    panic!("no child {bin} of {parent}");
+}
+
+fn wait_for_steps(out: &Path, n: usize, child: &mut Child) {
+    let start = Instant::now();
+    while trained_steps(out).len() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "step {n} never came"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "train exited before step {n}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A process stopped (SIGSTOP) beyond `--hang-timeout` is hung, not dead: its peer names it
+/// (and its pid) in its log, and `nested-reft train` stops the run with an error naming it.
+#[test]
+fn a_process_stopped_beyond_the_timeout_stops_the_run_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for (bin, name, peer_log) in [
+        ("nested-reft-learner", "learner", "rollout-server.log"),
+        (
+            "nested-reft-rollout-server",
+            "rollout-server",
+            "learner.log",
+        ),
+    ] {
+        let out = dir.path().join(name);
+        let mut child = tiny_train(&out, "async", "200", &["--hang-timeout", "5"])
+            .spawn()
+            .unwrap();
+        wait_for_steps(&out, 1, &mut child);
+        let pid = child_pid(child.id(), bin);
+        // SAFETY: kill(2) on a child of the train process, which cannot reap it while the
+        // process is stopped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(120) {
+                // SAFETY: as above; let the process go before failing.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                let _ = child.kill();
+                panic!("train did not stop within 120 s of stopping the {name}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("the {name} (pid {pid}) is hung")),
+            "train must name the hung {name} and its pid: {err}"
+        );
+        assert!(
+            start.elapsed() >= Duration::from_secs(5),
+            "stopped before the timeout"
+        );
+        let log = std::fs::read_to_string(out.join(peer_log)).unwrap();
+        assert!(
+            log.contains(&format!("(pid {pid}) is hung")),
+            "its peer must report it: {log}"
+        );
+        // The hung process was ended: its pid is gone.
+        // SAFETY: signal 0 only checks for existence.
+        assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "{name} still exists");
+    }
+}
+
+/// Either process stopped (SIGSTOP) and continued (SIGCONT) within the timeout: the run goes
+/// on, with every batch trained once and none lost, and no hang reported.
+#[test]
+fn a_process_stopped_within_the_timeout_goes_on_with_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut child = tiny_train(&out, "sync", "5", &["--hang-timeout", "30"])
+        .spawn()
+        .unwrap();
+    for (at, bin) in [
+        (1, "nested-reft-learner"),
+        (3, "nested-reft-rollout-server"),
+    ] {
+        wait_for_steps(&out, at, &mut child);
+        let pid = child_pid(child.id(), bin);
+        // SAFETY: kill(2) on a live child of the train process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        std::thread::sleep(Duration::from_secs(4));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let steps = trained_steps(&out);
+    let ids: Vec<(u64, u64)> = steps.iter().map(|&(s, b, _)| (s, b)).collect();
+    assert_eq!(
+        ids,
+        (1..=5).map(|s| (s, s - 1)).collect::<Vec<_>>(),
+        "every batch once, in order"
+    );
+    let last = step_lines(&out.join("metrics.jsonl")).pop().unwrap();
+    assert_eq!(last["duplicate_records"], 0);
+    assert_eq!(last["peer_hangs"], 0, "{last}");
+    let server = lines(&out.join("rollout-server").join("metrics.jsonl"));
+    assert!(server.iter().all(|l| l["peer_hangs"] == 0));
+    for log in ["learner.log", "rollout-server.log"] {
+        let text = std::fs::read_to_string(out.join(log)).unwrap();
+        assert!(!text.contains("is hung"), "{log}: {text}");
+    }
+}

@@ -79,6 +79,8 @@ struct StepLine<'a> {
     quarantined_total: u64,
     /// Records of batches already handed on, dropped so far.
     duplicate_records: u64,
+    /// Times the rollout server was seen hung so far (see `step::PeerWatch`).
+    peer_hangs: u64,
     spans: Vec<Span>,
 }
 
@@ -106,6 +108,8 @@ struct ControlLink {
     relisten: mpsc::Sender<()>,
     conn: Option<protocol::control::Connection>,
     version: Arc<AtomicU64>,
+    /// The next batch the learner needs, for the handshake (`u64::MAX`: none received yet).
+    needed: Arc<AtomicU64>,
     /// The server's weight probes received and not yet taken: (version, log-probs).
     probes: Vec<(u64, Vec<f32>)>,
     /// The device weight slots' handles, sent after every handshake (learner on a GPU).
@@ -123,6 +127,8 @@ impl ControlLink {
         let (relisten, relisten_rx) = mpsc::channel::<()>();
         let file = paths.control_file();
         let v = version.clone();
+        let needed = Arc::new(AtomicU64::new(base.batch_id.unwrap_or(u64::MAX)));
+        let n = needed.clone();
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || loop {
@@ -142,6 +148,8 @@ impl ControlLink {
                 let mut hello = base.clone();
                 // Relaxed: a progress hint for the peer, not a synchronisation point.
                 hello.policy_version = v.load(Ordering::Relaxed);
+                // Relaxed: like the version, a hint for the peer read at the handshake.
+                hello.batch_id = Some(n.load(Ordering::Relaxed)).filter(|&b| b != u64::MAX);
                 // accept has no deadline of its own worth having here: we wait for the peer
                 // as long as the process lives.
                 let ev = match server.accept(hello, Duration::from_secs(10 * 365 * 86_400)) {
@@ -162,6 +170,7 @@ impl ControlLink {
             relisten,
             conn: None,
             version,
+            needed,
             probes: Vec::new(),
             handles,
         })
@@ -225,6 +234,12 @@ impl ControlLink {
         }
     }
 
+    /// Records the next batch the learner needs (one past the newest received).
+    fn set_needed(&self, batch_id: u64) {
+        // Relaxed: see `spawn`.
+        self.needed.store(batch_id, Ordering::Relaxed);
+    }
+
     fn set_version(&self, v: u64) {
         // Relaxed: see `spawn`.
         self.version.store(v, Ordering::Relaxed);
@@ -268,6 +283,7 @@ fn run(
     let Some(mut ring) = svc.connect(peer_timeout, stop)? else {
         return Ok(());
     };
+    let _beating = step::Beating::start(ring.heartbeat())?;
     svc.notifier
         .ready(&format!("training from step {}", svc.step));
     info!(
@@ -336,6 +352,7 @@ fn run(
             probes: std::mem::take(&mut svc.probes.done),
             quarantined_total: ring.quarantined_total(),
             duplicate_records: svc.duplicate_records,
+            peer_hangs: svc.watch.hangs(),
             spans: timeline.take(),
         })?;
     }
@@ -400,6 +417,8 @@ struct Service<'a> {
     last_checkpoint_step: u64,
     /// The last batch handed on (trained or dropped): older ids are duplicates.
     last_batch: Option<u64>,
+    /// The newest batch received from the ring (or, after a resume, trained before it).
+    received: Option<u64>,
     duplicate_records: u64,
     assembler: BatchAssembler,
     /// Batches assembled and not yet trained.
@@ -407,6 +426,8 @@ struct Service<'a> {
     device_slots: Option<LearnerSlots>,
     control: Option<ControlLink>,
     last_notice: Instant,
+    /// The rollout server's heartbeat, watched while waiting for records.
+    watch: step::PeerWatch,
 }
 
 impl<'a> Service<'a> {
@@ -453,12 +474,17 @@ impl<'a> Service<'a> {
             step: 0,
             last_checkpoint_step: 0,
             last_batch: None,
+            received: None,
             duplicate_records: 0,
             assembler: BatchAssembler::new(cfg.max_staleness),
             ready: Default::default(),
             device_slots: None,
             control: None,
             last_notice: Instant::now(),
+            watch: step::PeerWatch::new(
+                "the rollout server",
+                Duration::from_secs_f64(cfg.hang_timeout_s),
+            ),
         })
     }
 
@@ -481,6 +507,7 @@ impl<'a> Service<'a> {
         self.last_batch = serde_json::from_value::<CheckpointExtra>(st.extra.clone())
             .ok()
             .and_then(|e| e.last_batch_id);
+        self.received = self.last_batch;
         let rolled_back = steps_after(&self.metrics_path, self.step);
         info!(
             step = self.step,
@@ -559,7 +586,7 @@ impl<'a> Service<'a> {
             model_hash: self.bridge.model_hash().to_string(),
             manifest_hash: self.bridge.manifest().hash_hex(),
             policy_version: self.learner.version(),
-            batch_id: None,
+            batch_id: self.received.map(|b| b + 1),
         };
         let mut control = ControlLink::spawn(
             self.paths,
@@ -627,6 +654,10 @@ impl<'a> Service<'a> {
                 self.duplicate_records += 1;
             }
             Ok(rec) => {
+                if self.received.is_none_or(|b| rec.batch_id > b) {
+                    self.received = Some(rec.batch_id);
+                    control.set_needed(rec.batch_id + 1);
+                }
                 let done = self.assembler.push(rec, self.learner.version());
                 self.ready.extend(done);
             }
@@ -640,6 +671,7 @@ impl<'a> Service<'a> {
                     }
                     self.last_notice = Instant::now();
                 }
+                self.watch.check(ring.producer());
                 nap(stop, Duration::from_millis(5));
             }
             Err(PopError::ProducerDead { .. }) => nap(stop, Duration::from_millis(5)),

@@ -65,6 +65,8 @@ struct BatchLine<'a> {
     push_s: f64,
     /// Batches pushed but not yet trained, after this one.
     in_flight: u64,
+    /// Times the learner was seen hung so far (see `step::PeerWatch`).
+    peer_hangs: u64,
     spans: Vec<Span>,
 }
 
@@ -195,6 +197,7 @@ fn run(
         let Some(load) = server.take_weights(&mut reader, &mut timeline)? else {
             continue; // a restarted learner: wait for its slots' handles
         };
+        let before = server.generator.state();
         let t_gen = unix_now();
         let (version, (_, behavior)) = server.behavior.as_ref().context("no behavior")?;
         let version = *version;
@@ -215,6 +218,7 @@ fn run(
         }
         let push_s = unix_now() - t;
         timeline.push("push", t, unix_now());
+        server.pending.push_back(before);
         server.save_state()?;
         let records = batch.groups.iter().map(Vec::len).sum::<usize>();
         info!(
@@ -238,6 +242,7 @@ fn run(
             weights_sum: load.weights_sum,
             push_s,
             in_flight: server.in_flight,
+            peer_hangs: server.watch.hangs(),
             spans: timeline.take(),
         })?;
         server.notifier.alive();
@@ -266,6 +271,9 @@ struct Server<'a> {
     probe: Probe,
     generator: rollout_server::Generator,
     state_path: std::path::PathBuf,
+    /// The generator's state before each batch pushed and not yet reported trained, oldest
+    /// first: what a rewind goes back to when the learner has lost batches with the ring.
+    pending: std::collections::VecDeque<GeneratorState>,
     ring: Producer,
     control: ControlLink,
     /// The learner's device weight slots, when it runs on a GPU.
@@ -278,6 +286,10 @@ struct Server<'a> {
     in_flight: u64,
     shutdown: bool,
     last_notice: Instant,
+    /// The learner's heartbeat, watched while waiting for it.
+    watch: step::PeerWatch,
+    /// This server's own heartbeat.
+    _beating: step::Beating,
 }
 
 impl<'a> Server<'a> {
@@ -307,9 +319,12 @@ impl<'a> Server<'a> {
             |s| warn!("{s}"),
         )?;
         let state_path = paths.state_dir.join("server-state.json");
+        let mut pending = std::collections::VecDeque::new();
         if let Ok(text) = std::fs::read_to_string(&state_path) {
-            let state: GeneratorState = serde_json::from_str(&text)
+            let saved: SavedState = serde_json::from_str(&text)
                 .with_context(|| format!("while reading {}", state_path.display()))?;
+            let state = saved.current;
+            pending = saved.pending.into();
             let (batch_id, cursor) = (state.next_batch_id, state.cursor);
             generator
                 .restore(state)
@@ -336,6 +351,7 @@ impl<'a> Server<'a> {
                 batch_id: None,
             },
         };
+        let beating = step::Beating::start(ring.heartbeat())?;
         Ok(Self {
             cfg,
             paths,
@@ -346,6 +362,7 @@ impl<'a> Server<'a> {
             probe,
             generator,
             state_path,
+            pending,
             ring,
             control,
             device_slots: None,
@@ -354,6 +371,8 @@ impl<'a> Server<'a> {
             in_flight: 0,
             shutdown: false,
             last_notice: Instant::now(),
+            watch: step::PeerWatch::new("the learner", Duration::from_secs_f64(cfg.hang_timeout_s)),
+            _beating: beating,
         })
     }
 
@@ -366,10 +385,13 @@ impl<'a> Server<'a> {
             step::wait_for_peer("the learner", dir, name, timeout, stop, &notifier, || {
                 for ev in self.control.poll(self.generator.state().next_batch_id, 0)? {
                     match ev {
-                        Event::Connected(peer) => info!(
-                            policy_version = peer.policy_version,
-                            "handshake with the learner succeeded"
-                        ),
+                        Event::Connected(peer) => {
+                            info!(
+                                policy_version = peer.policy_version,
+                                "handshake with the learner succeeded"
+                            );
+                            self.catch_up(peer.batch_id)?;
+                        }
                         Event::DeviceSlots(h) => self.open_slots(&h)?,
                         _ => {}
                     }
@@ -422,6 +444,7 @@ impl<'a> Server<'a> {
             if !ahead && published && slots_ready {
                 return Ok(true);
             }
+            self.watch.check(self.ring.consumer());
             if self.last_notice.elapsed() > Duration::from_secs(10) {
                 if !reader.writer_alive() || self.control.conn.is_none() {
                     info!(
@@ -444,6 +467,7 @@ impl<'a> Server<'a> {
     fn on_event(&mut self, ev: Event) -> Result<()> {
         match ev {
             Event::Connected(peer) => {
+                self.catch_up(peer.batch_id)?;
                 self.in_flight = self.ring.len().div_ceil(self.per_batch);
                 info!(
                     policy_version = peer.policy_version,
@@ -457,6 +481,8 @@ impl<'a> Server<'a> {
                 kl_behavior,
             } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
+                // Batches up to this one will never be asked for again.
+                self.pending.retain(|s| s.next_batch_id > batch_id);
                 tracing::debug!(batch_id, policy_version = version, "trained");
                 if let Some(set) = self.generator.observe_kl(batch_id, kl_behavior) {
                     info!(
@@ -557,7 +583,7 @@ impl<'a> Server<'a> {
     fn push(&mut self, batch: &rollout_server::RolloutBatch, stop: &AtomicBool) -> Result<bool> {
         let records = batch.groups.iter().map(Vec::len).sum::<usize>();
         for rec in batch.groups.iter().flatten() {
-            if !push(&mut self.ring, rec, stop, &self.notifier)? {
+            if !push(&mut self.ring, rec, stop, &self.notifier, &mut self.watch)? {
                 return Ok(false);
             }
         }
@@ -571,9 +597,61 @@ impl<'a> Server<'a> {
     /// Saves the generator's position (a restarted server continues after the last pushed
     /// batch).
     fn save_state(&self) -> Result<()> {
-        let state = self.generator.state();
-        write_atomic(&self.state_path, serde_json::to_string(&state)?.as_bytes())
+        let saved = SavedState {
+            current: self.generator.state(),
+            pending: self.pending.iter().cloned().collect(),
+        };
+        write_atomic(&self.state_path, serde_json::to_string(&saved)?.as_bytes())
     }
+
+    /// Goes back to batch `needed`, the learner's next, when the batches from it up to this
+    /// server's next were pushed but the learner never got them: the ring they were in is
+    /// gone (it is empty now: a run resumed in a fresh runtime directory, a reboot). They are
+    /// generated again under the same ids (plans and sampling derive from the seed and the
+    /// id), so a resumed run sees the data an uninterrupted one would.
+    fn catch_up(&mut self, needed: Option<u64>) -> Result<()> {
+        let Some(needed) = needed else { return Ok(()) };
+        let next = self.generator.state().next_batch_id;
+        if needed >= next || !self.ring.is_empty() {
+            return Ok(());
+        }
+        let Some(state) = self
+            .pending
+            .iter()
+            .find(|s| s.next_batch_id == needed)
+            .cloned()
+        else {
+            warn!(
+                needed,
+                next,
+                "the learner needs batch {needed}, but batches {needed}..{} were lost with the \
+                 ring and this server kept no state to generate them again; they are skipped",
+                next - 1
+            );
+            return Ok(());
+        };
+        self.generator
+            .restore(state)
+            .context("while going back to the learner's next batch")?;
+        self.pending.retain(|s| s.next_batch_id < needed);
+        self.save_state()?;
+        info!(
+            needed,
+            "batches {needed}..{} were lost with the ring: generating them again",
+            next - 1
+        );
+        Ok(())
+    }
+}
+
+/// `server-state.json`: where the generator stands, and the states before the batches pushed
+/// but not yet trained. A file of an older version holds the current state alone.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct SavedState {
+    #[serde(flatten)]
+    current: GeneratorState,
+    #[serde(default)]
+    pending: Vec<GeneratorState>,
 }
 
 /// The ring: created, or resumed after a restart (records already pushed stay).
@@ -615,6 +693,7 @@ fn push(
     rec: &protocol::RolloutRecord,
     stop: &AtomicBool,
     notifier: &Notifier,
+    watch: &mut step::PeerWatch,
 ) -> Result<bool> {
     let mut last_notice = Instant::now();
     loop {
@@ -633,6 +712,7 @@ fn push(
                     );
                     last_notice = Instant::now();
                 }
+                watch.check(ring.consumer());
                 notifier.alive();
                 nap(stop, Duration::from_millis(5));
             }

@@ -146,6 +146,10 @@ pub struct TrainFile {
     pub server_threads: usize,
     /// Two-process modes: pin each process to its own cores.
     pub pin_cores: bool,
+    /// Two-process modes: seconds without a heartbeat (each process beats once a second)
+    /// after which a process that still holds its side of the ring is reported hung, by name
+    /// and pid; `nested-reft train` then stops the run.
+    pub hang_timeout_s: f64,
 }
 
 /// Defaults of `nested-reft train` with no arguments: the embedded SmolLM2-135M on level-1
@@ -189,6 +193,9 @@ impl Default for TrainFile {
             learner_threads: 0,
             server_threads: 0,
             pin_cores: false,
+            // Three default CPU steps: far beyond any scheduling delay of a beating thread,
+            // short enough that a stopped run does not sit for the watchdog's 5 minutes.
+            hang_timeout_s: 60.0,
         }
     }
 }
@@ -316,6 +323,10 @@ pub struct TrainArgs {
     /// Two-process modes: log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// Two-process modes: seconds without a heartbeat before a process is reported hung and
+    /// the run stops [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub hang_timeout: Option<f64>,
 }
 
 /// `--normalizer` values.
@@ -462,6 +473,7 @@ impl TrainArgs {
         set!(self.checkpoint_every => f.checkpoint_every);
         set!(self.learner_threads => f.learner_threads);
         set!(self.server_threads => f.server_threads);
+        set!(self.hang_timeout => f.hang_timeout_s);
         if self.pin_cores {
             f.pin_cores = true;
         }
@@ -535,6 +547,12 @@ fn validate(f: &mut TrainFile) -> Result<()> {
     }
     if f.keep_checkpoints == 0 {
         bail!("keep_checkpoints must be at least 1");
+    }
+    if !(f.hang_timeout_s.is_finite() && f.hang_timeout_s > 0.0) {
+        bail!(
+            "hang_timeout_s must be a positive number of seconds, got {}",
+            f.hang_timeout_s
+        );
     }
     if f.max_prompt_tokens == 0 {
         bail!("max_prompt_tokens must be at least 1");

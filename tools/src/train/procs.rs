@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The segments' name in the run's own runtime directory.
+const JOB_NAME: &str = "train";
+
 /// Options of the two-process run that are not part of the saved configuration.
 #[derive(Debug, Clone, Default)]
 pub struct ProcOptions {
@@ -122,6 +125,15 @@ impl Proc {
         Ok(None)
     }
 
+    /// Ends a process that cannot act on SIGTERM (a stopped one); its state on disk is what
+    /// its last checkpoint or saved cursor holds.
+    fn kill(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -199,7 +211,7 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
             .arg("--runtime-dir")
             .arg(&runtime)
             .arg("--name")
-            .arg("train")
+            .arg(JOB_NAME)
             .arg("--state-dir")
             .arg(state)
             .args(extra)
@@ -254,6 +266,7 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
         }
     };
 
+    let mut hang = HangWatch::new(&runtime, Duration::from_secs_f64(f.hang_timeout_s));
     let tty = std::io::stderr().is_terminal();
     let bar = super::progress_bar(f.steps);
     let mut seen = 0usize;
@@ -284,6 +297,28 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
             learner.terminate();
             server.terminate();
             forwarded = true;
+        }
+        if let Some((side, silent)) = hang.look() {
+            let (hung, other) = match side {
+                Side::Learner => (&mut learner, &mut server),
+                Side::Server => (&mut server, &mut learner),
+            };
+            let pid = hung.child.id();
+            hung.kill();
+            other.terminate();
+            let _ = other.wait(Duration::from_secs(120));
+            break Err(anyhow::anyhow!(
+                "the {} (pid {pid}) is hung: no heartbeat for {:.0} s (hang_timeout_s is {}); \
+                 it was stopped (SIGSTOP, a debugger) or starved, so the run is stopped. \
+                 Continue it with `nested-reft train --resume --output-dir {}`; the end of \
+                 {}:\n{}",
+                hung.name,
+                silent.as_secs_f64(),
+                f.hang_timeout_s,
+                out.display(),
+                hung.log.display(),
+                hung.log_tail()
+            ));
         }
         let l = learner.poll()?;
         let s = server.poll()?;
@@ -339,6 +374,57 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
         eprintln!("checkpoints: {}", out.join("checkpoints").display());
     }
     Ok(())
+}
+
+/// The two sides of the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Learner,
+    Server,
+}
+
+/// Watches both processes' heartbeats in the ring (each beats once a second from a thread of
+/// its own) and names one that holds its side of the ring but has stopped beating.
+struct HangWatch {
+    runtime: PathBuf,
+    timeout: Duration,
+    ring: Option<protocol::Observer>,
+    last_look: Instant,
+}
+
+impl HangWatch {
+    /// Beyond the timeout the waiting process reports the hang in its own log first; the run
+    /// stops this much later.
+    const GRACE: Duration = Duration::from_secs(3);
+
+    fn new(runtime: &Path, timeout: Duration) -> Self {
+        Self {
+            runtime: runtime.to_owned(),
+            timeout,
+            ring: None,
+            last_look: Instant::now(),
+        }
+    }
+
+    /// At most once a second: the side that is hung, and for how long it has been silent.
+    fn look(&mut self) -> Option<(Side, Duration)> {
+        if self.last_look.elapsed() < Duration::from_secs(1) {
+            return None;
+        }
+        self.last_look = Instant::now();
+        if self.ring.is_none() {
+            // The server creates the ring once it is up; until then there is nothing to watch.
+            self.ring = protocol::RolloutRing::observe(&self.runtime, JOB_NAME).ok();
+        }
+        let ring = self.ring.as_ref()?;
+        [
+            (Side::Learner, ring.consumer()),
+            (Side::Server, ring.producer()),
+        ]
+        .into_iter()
+        .find(|(_, l)| l.held && l.silent > self.timeout + Self::GRACE)
+        .map(|(side, l)| (side, l.silent))
+    }
 }
 
 fn child_failed(p: &Proc, status: ExitStatus) -> anyhow::Error {
