@@ -133,6 +133,9 @@ pub enum PushError {
     /// The record does not fit the ring's descriptor.
     #[error("record rejected: {0}")]
     Record(#[from] RecordError),
+    /// The ring's file was truncated; nothing was committed.
+    #[error(transparent)]
+    Truncated(#[from] Truncated),
 }
 
 /// Popping a record failed.
@@ -151,6 +154,9 @@ pub enum PopError {
     /// The slot failed its CRC or decoding; it was quarantined (counted, skipped).
     #[error("record {seq} quarantined: {reason}")]
     Corrupt { seq: u64, reason: CorruptReason },
+    /// The ring's file was truncated; nothing was delivered.
+    #[error(transparent)]
+    Truncated(#[from] Truncated),
 }
 
 /// Why a committed slot was quarantined.
@@ -196,6 +202,9 @@ pub enum PublishError {
     /// An explicit version outside 1..2^56.
     #[error("version {0} cannot be published (must be in 1..2^56)")]
     BadVersion(u64),
+    /// The store's file was truncated; nothing was published.
+    #[error(transparent)]
+    Truncated(#[from] Truncated),
 }
 
 /// [`crate::Writer::try_publish_slot`] failed; readers still see the previous version.
@@ -220,6 +229,9 @@ pub enum PinError {
     /// The control word points at a slot that does not exist (corrupt segment).
     #[error("control word names slot {slot} but the store has {slots}")]
     BadSlot { slot: u64, slots: u32 },
+    /// The store's file was truncated; what was read from it is lost.
+    #[error(transparent)]
+    Truncated(#[from] Truncated),
 }
 
 /// The control-channel handshake failed.
@@ -257,4 +269,21 @@ pub enum ControlError {
     /// Transport failure.
     #[error("control channel: {0}")]
     Channel(String),
+}
+
+/// A segment file shrank while this process had it mapped: a peer or a person truncated it.
+/// Its contents can no longer be trusted; the process should stop with this error (a restart
+/// creates or opens the segment again).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "segment {path} was truncated while mapped: it is {found} bytes, its layout needs \
+     {expected}; its contents are lost (did another process or a person shrink the file?)"
+)]
+pub struct Truncated {
+    /// The segment file.
+    pub path: std::path::PathBuf,
+    /// Its size when mapped.
+    pub expected: u64,
+    /// Its size now (equal to `expected` when the file was shrunk and grown back).
+    pub found: u64,
 }

@@ -18,6 +18,8 @@ mod crc;
 #[cfg(not(loom))]
 mod error;
 #[cfg(not(loom))]
+mod fault;
+#[cfg(not(loom))]
 mod manifest;
 #[cfg(not(loom))]
 mod record;
@@ -38,7 +40,7 @@ pub mod cuda;
 #[cfg(not(loom))]
 pub use error::{
     ControlError, CorruptReason, HandshakeError, HeaderError, ManifestError, OpenError, PinError,
-    PopError, PublishError, PublishSlotError, PushError, RecordError, SegmentError,
+    PopError, PublishError, PublishSlotError, PushError, RecordError, SegmentError, Truncated,
 };
 #[cfg(not(loom))]
 pub use manifest::{DType, Manifest, TensorSpec, TENSOR_ALIGN};

@@ -513,6 +513,7 @@ impl Producer {
     /// Fails with [`PushError::Full`] when the consumer has not released that slot.
     pub fn write_uncommitted(&mut self, rec: &RecordView<'_>) -> Result<Pending<'_>, PushError> {
         let len = rec.validate(&self.ring.desc.limits)?;
+        self.ring.seg.check_intact()?;
         let seq = self.head;
         if seq >= self.space_limit {
             self.space_limit =
@@ -538,6 +539,8 @@ impl Producer {
             slot.add(SLOT_OFF_SEQ).cast::<u64>().write(seq);
             slot.add(SLOT_OFF_CRC).cast::<u32>().write(crc);
         }
+        // A file truncated while we wrote: the record went nowhere the consumer sees.
+        self.ring.seg.check_intact()?;
         Ok(Pending {
             producer: self,
             seq,
@@ -653,6 +656,7 @@ impl Consumer {
     /// The committed slot `seq` is ready to read: its metadata, with the length bounded by the
     /// slot size (or the slot quarantined).
     fn committed_slot(&mut self) -> Result<SlotRead, PopError> {
+        self.ring.seg.check_intact()?;
         let seq = self.tail;
         if !ring_core::consumer_ready(self.ring.commit(seq), seq) {
             return Err(PopError::Empty);
@@ -691,6 +695,9 @@ impl Consumer {
         bytes: &[u8],
         f: impl FnOnce(RecordRef<'_>) -> R,
     ) -> Result<R, PopError> {
+        // What was read may be zeros of an absorbed fault rather than the record: a truncated
+        // ring is an error, not a corrupt record to quarantine.
+        self.ring.seg.check_intact()?;
         if computed != r.stored_crc {
             let reason = CorruptReason::Crc {
                 stored: r.stored_crc,
@@ -703,6 +710,8 @@ impl Consumer {
             Err(e) => return Err(self.quarantine(r.seq, CorruptReason::Record(e))),
         };
         let out = f(rec);
+        // `f` may have read the slot in place: it saw the record only if the ring is intact.
+        self.ring.seg.check_intact()?;
         self.release(r.seq);
         Ok(out)
     }
@@ -789,6 +798,7 @@ impl Consumer {
                 return Ok(());
             }
             if backoff.snooze() {
+                self.ring.seg.check_intact()?;
                 if !self.producer_alive() {
                     // Re-check: the producer may have committed just before dying.
                     if ring_core::consumer_ready(self.ring.commit(seq), seq) {

@@ -107,8 +107,12 @@ pub enum SegmentError {
     },
 }
 
-/// A mapped segment file. The mapping stays valid for the value's lifetime.
+/// A mapped segment file. The mapping stays valid for the value's lifetime; a truncation of
+/// the file while mapped is reported by [`Segment::check_intact`] instead of killing the
+/// process (see `crate::fault`).
 pub(crate) struct Segment {
+    /// Dropped first: the mapping leaves the fault table before it is unmapped.
+    guard: crate::fault::Guard,
     file: File,
     map: MmapRaw,
     path: PathBuf,
@@ -211,8 +215,36 @@ impl Segment {
                 }
             })?;
         file.set_len(len).map_err(io_err("sizing", &path))?;
+        Self::mapped(file, path)
+    }
+
+    /// Maps `file` and registers the mapping with the fault guard.
+    fn mapped(file: File, path: PathBuf) -> Result<Self, SegmentError> {
         let map = MmapRaw::map_raw(&file).map_err(io_err("mapping", &path))?;
-        Ok(Self { file, map, path })
+        let guard = crate::fault::Guard::register(map.as_mut_ptr(), map.len());
+        Ok(Self {
+            guard,
+            file,
+            map,
+            path,
+        })
+    }
+
+    /// Fails when the file has shrunk below the mapping, or an access already ran past its
+    /// end (the fault was absorbed: the mapping reads zeros now). Every operation checks this
+    /// before it trusts what it read and before it publishes what it wrote.
+    pub(crate) fn check_intact(&self) -> Result<(), crate::Truncated> {
+        let expected = self.map.len() as u64;
+        // An fstat failure on an open fd cannot come from a truncation: trust the mapping.
+        let found = self.file.metadata().map_or(expected, |m| m.len());
+        if found < expected || self.guard.faulted() {
+            return Err(crate::Truncated {
+                path: self.path.clone(),
+                expected,
+                found,
+            });
+        }
+        Ok(())
     }
 
     /// Opens an existing segment after checking owner, mode and (when given) size.
@@ -264,8 +296,7 @@ impl Segment {
                 });
             }
         }
-        let map = MmapRaw::map_raw(&file).map_err(io_err("mapping", &path))?;
-        Ok(Self { file, map, path })
+        Self::mapped(file, path)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -360,5 +391,48 @@ impl Backoff {
             std::thread::sleep(std::time::Duration::from_micros(50));
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resize(path: &Path, len: u64) {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(len))
+            .expect("resize");
+    }
+
+    #[test]
+    fn an_access_past_a_truncated_end_reads_zeros_and_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seg = Segment::create(dir.path(), "t", "seg", 3 * 4096).expect("create");
+        // SAFETY: offset 5000 lies inside the 3-page mapping.
+        unsafe { seg.ptr().add(5000).write_volatile(7) };
+        assert!(seg.check_intact().is_ok());
+
+        resize(seg.path(), 4096);
+        let e = seg
+            .check_intact()
+            .expect_err("the size check sees the truncation");
+        assert_eq!((e.expected, e.found), (3 * 4096, 4096));
+        // An access that raced past that check: the fault is absorbed instead of killing the
+        // process, and reads zeros.
+        // SAFETY: offset 5000 is inside the mapping, whose file now ends at 4096: exactly the
+        // access the fault guard exists for.
+        let v = unsafe { seg.ptr().add(5000).read_volatile() };
+        assert_eq!(v, 0);
+        // SAFETY: as above, a write past the end.
+        unsafe { seg.ptr().add(9000).write_volatile(1) };
+
+        // Grown back to its size, the file alone looks intact; the absorbed fault still tells.
+        resize(seg.path(), 3 * 4096);
+        let e = seg
+            .check_intact()
+            .expect_err("the absorbed fault is remembered");
+        assert_eq!(e.found, 3 * 4096);
     }
 }

@@ -305,6 +305,11 @@ impl Writer {
         self.generation
     }
 
+    /// Fails when the store's file was truncated while mapped (see [`crate::Truncated`]).
+    pub fn check_intact(&self) -> Result<(), crate::Truncated> {
+        self.store.seg.check_intact()
+    }
+
     /// Slots of the store (device slots mirror them one for one).
     pub fn slots(&self) -> u32 {
         self.store.slots
@@ -379,6 +384,7 @@ impl Writer {
         timeout: Duration,
         fill: impl FnOnce(u32, &mut [u8]) -> Result<(), E>,
     ) -> Result<u64, PublishSlotError<E>> {
+        self.store.seg.check_intact().map_err(PublishError::from)?;
         // SeqCst: only this process stores the control word; see the module protocol.
         let (version, current) = unpack(self.store.control().load(Ordering::SeqCst));
         let start = Instant::now();
@@ -401,6 +407,8 @@ impl Writer {
         // process has exclusive access to its `len ≤ stride` bytes until the store below.
         let data = unsafe { std::slice::from_raw_parts_mut(self.store.slot_ptr(slot), len) };
         fill(slot, data).map_err(PublishSlotError::Fill)?;
+        // A file truncated while we wrote: the bytes went nowhere a reader sees.
+        self.store.seg.check_intact().map_err(PublishError::from)?;
         let next = explicit.unwrap_or(version + 1);
         // SeqCst (⊇ Release): publishes the slot's bytes to readers, pairing with their SeqCst
         // control loads in `Reader::pin`; SeqCst orders it before our next pin scan.
@@ -451,6 +459,11 @@ impl Reader {
         &self.store.manifest
     }
 
+    /// Fails when the store's file was truncated while mapped (see [`crate::Truncated`]).
+    pub fn check_intact(&self) -> Result<(), crate::Truncated> {
+        self.store.seg.check_intact()
+    }
+
     /// The latest published version (0: none).
     pub fn latest_version(&self) -> u64 {
         // Acquire: pairs with the writer's control store (value only used as a hint).
@@ -473,6 +486,7 @@ impl Reader {
 
     /// Pins the latest published version; the writer will not touch it until the guard drops.
     pub fn pin(&mut self) -> Result<Pinned<'_>, PinError> {
+        self.store.seg.check_intact()?;
         loop {
             // SeqCst: pairs with the writer's SeqCst control store (acquires the slot's bytes).
             let word = self.store.control().load(Ordering::SeqCst);
@@ -521,7 +535,13 @@ impl Pinned<'_> {
         self.slot
     }
 
-    /// All parameter bytes of the slot.
+    /// Fails when the store's file was truncated since the pin: then what was read from
+    /// [`Self::bytes`] may be zeros, not the weights. Check after copying them out.
+    pub fn check_intact(&self) -> Result<(), crate::Truncated> {
+        self.reader.store.seg.check_intact()
+    }
+
+    /// All parameter bytes of the slot (check [`Self::check_intact`] after reading them).
     pub fn bytes(&self) -> &[u8] {
         let len = self.reader.store.manifest.total_size();
         // SAFETY: the slot is pinned and validated, so the writer does not write it while this

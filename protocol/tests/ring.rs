@@ -398,3 +398,43 @@ fn an_observer_sees_each_sides_holder_pid_and_silence() {
     assert!(!c.held);
     assert_eq!(c.pid, Some(me));
 }
+
+fn truncate(path: &std::path::Path, len: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len))
+        .expect("truncate");
+}
+
+#[test]
+fn a_ring_truncated_while_attached_is_an_error_on_both_sides() {
+    for len in [4096 + 100, 0] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = RolloutRing::create(dir.path(), "r", common::desc(4)).expect("create");
+        let mut c = RolloutRing::open(dir.path(), "r", common::desc(4)).expect("open");
+        let o = RolloutRing::observe(dir.path(), "r").expect("observe");
+        p.try_push(&common::record(0).as_view()).expect("push");
+        assert_eq!(c.pop(T).expect("pop"), common::record(0));
+        p.try_push(&common::record(1).as_view()).expect("push");
+
+        truncate(&dir.path().join("r.ring"), len);
+        match c.try_pop() {
+            Err(PopError::Truncated(t)) => {
+                assert_eq!(t.found, len);
+                assert!(t.to_string().contains("truncated"), "{t}");
+            }
+            other => panic!("expected a truncation, got {other:?}"),
+        }
+        assert!(matches!(c.pop(T), Err(PopError::Truncated(_))));
+        assert!(matches!(
+            p.try_push(&common::record(2).as_view()),
+            Err(PushError::Truncated(_))
+        ));
+        // Header words past the end (heartbeats, pids, head and tail) read as zeros instead of
+        // killing the process.
+        let _ = (o.producer(), o.consumer(), p.len(), c.producer());
+        p.heartbeat().beat();
+        assert_eq!(c.quarantined(), 0, "a truncation is not a corrupt record");
+    }
+}

@@ -123,3 +123,33 @@ fn manifest_mismatch_and_writer_role() {
         Err(OpenError::InvalidLayout(_))
     ));
 }
+
+#[test]
+fn a_store_truncated_while_attached_is_an_error_on_both_sides() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = manifest();
+    let mut w = WeightStore::create(dir.path(), "w", &m, 2).expect("create");
+    let mut r = WeightStore::open(dir.path(), "w", &m).expect("open");
+    w.publish(T, |b| b.fill(3)).expect("publish");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("w.weights"))
+        .expect("open the file");
+    {
+        let pinned = r.pin().expect("pin");
+        assert!(pinned.bytes().iter().all(|&b| b == 3));
+        pinned.check_intact().expect("intact");
+        file.set_len(0).expect("truncate");
+        // Read while pinned: the weights are gone, and the check says so.
+        let sum: u64 = pinned.bytes().iter().map(|&b| u64::from(b)).sum();
+        assert_eq!(sum, 0, "the mapping reads zeros after the truncation");
+        let e = pinned.check_intact().expect_err("truncated");
+        assert_eq!(e.found, 0);
+    }
+    assert!(r.check_intact().is_err() && w.check_intact().is_err());
+    assert!(matches!(r.pin(), Err(PinError::Truncated(_))));
+    assert!(matches!(
+        w.publish(T, |b| b.fill(4)),
+        Err(PublishError::Truncated(_))
+    ));
+}

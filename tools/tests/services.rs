@@ -931,3 +931,47 @@ fn a_process_stopped_within_the_timeout_goes_on_with_nothing_lost() {
         assert!(!text.contains("is hung"), "{log}: {text}");
     }
 }
+
+/// The ring or the weight store truncated under a running `nested-reft train`: the processes
+/// stop with an error that says so, instead of dying of SIGBUS.
+#[test]
+fn a_segment_truncated_under_a_run_stops_it_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["train.ring", "train.weights"] {
+        let runtime = dir.path().join(format!("xdg-{file}"));
+        std::fs::create_dir_all(&runtime).unwrap();
+        let out = dir.path().join(file);
+        let mut child = tiny_train(&out, "async", "200", &[])
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .spawn()
+            .unwrap();
+        wait_for_steps(&out, 1, &mut child);
+        let jobs: Vec<_> = std::fs::read_dir(runtime.join("nested-reft"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(jobs.len(), 1, "one run directory");
+        let path = jobs[0].path().join(file);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(4096))
+            .unwrap();
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                panic!("train went on for 120 s after {file} was truncated");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("{} was truncated while mapped", path.display())),
+            "{file}: {err}"
+        );
+        assert!(!err.contains("signal"), "a process died of a signal: {err}");
+    }
+}

@@ -713,6 +713,10 @@ impl<'a> Service<'a> {
     /// Publishes the weights if the step changed them, and scores the weight probe with them.
     fn publish(&mut self, writer: &mut Writer, timeline: &mut Timeline) -> Result<Published> {
         let mut out = Published::default();
+        // Every step, published or not: the store holds the weights a restarted server needs.
+        writer
+            .check_intact()
+            .context("while checking the weight store")?;
         let version = self.learner.version();
         // The store holds policy version v as v + 1.
         if writer.version() == version + 1 {

@@ -525,6 +525,10 @@ impl<'a> Server<'a> {
         reader: &mut Reader,
         timeline: &mut Timeline,
     ) -> Result<Option<Load>> {
+        // Every batch, new weights or not: the words read below live in the store's file.
+        reader
+            .check_intact()
+            .context("while checking the weight store")?;
         let t = unix_now();
         let generation = reader.writer_generation();
         let latest = reader.latest_version();
@@ -556,6 +560,10 @@ impl<'a> Server<'a> {
                     .map_err(Into::into),
             }
             .context("while loading the published weights")?;
+            // Weights read from a store whose file was truncated meanwhile may be zeros.
+            pinned
+                .check_intact()
+                .context("while loading the published weights")?;
             // The store's version 0 means "nothing published": version v + 1 holds policy v.
             (pinned.version() - 1, d)
         };

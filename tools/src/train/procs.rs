@@ -134,9 +134,20 @@ impl Proc {
         }
     }
 
+    /// The process's error (from its last `Error:` line up to a backtrace) when it wrote one,
+    /// else the last 15 lines of its log.
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
+        if let Some(at) = lines.iter().rposition(|l| l.starts_with("Error: ")) {
+            return lines[at..]
+                .iter()
+                .take_while(|l| !l.starts_with("Stack backtrace:"))
+                .take(15)
+                .copied()
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 }
