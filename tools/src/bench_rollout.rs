@@ -10,9 +10,10 @@
 //! [`crate::eval::evaluate`]. Writes `rollout.json` and the KL-against-speedup picture
 //! `frontier.svg`.
 
-use crate::calibrate::{calibration_sequences, default_profile_path, load_profile, model_hash};
+use crate::calibrate::calibration_sequences;
 use crate::eval::{evaluate, EvalConfig, EvalSet, PromptFormat, DEFAULT_PROBLEM_SEED};
 use crate::modelargs::ModelArgs;
+use crate::profile::{default_profile_path, load_profile, model_hash};
 use crate::train::TrainFile;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
