@@ -1,6 +1,6 @@
 //! Calibration: how far each skippable unit moves the model, and cost-ordered skip sets found
-//! by greedy search, kept in a [`Profile`] (the data type lives in [`crate::profile`]; this
-//! module produces it).
+//! by greedy search, kept in a [`Profile`] (a data type of its own module, which depends on the
+//! layer plan only; this module produces it and re-exports it).
 //!
 //! The measure is the per-token KL(π_full ‖ π_nested) over the vocabulary at temperature 1,
 //! averaged over the completion tokens of a calibration set (by default the full model's own

@@ -8,6 +8,11 @@
 //!   once and packs sequences into rows without padding.
 //! - [`generate`] samples G completions per prompt and records the behavior log-probs.
 //! - [`load_model`] reads a GGUF file or a Hugging Face directory.
+//!
+//! Layer plans depend one way: the skip unit ([`Unit`]) ← the configuration's cost accounting ←
+//! [`LayerPlan`] ← the calibration [`Profile`] (data) ← the per-batch policy ([`PlanChoice`],
+//! [`PlanSpec`], [`PlanSampler`], [`AdaptivePolicy`]); [`calibrate`] runs the [`Decoder`] over
+//! plans and produces a profile.
 
 mod bridge;
 #[cfg(feature = "cuda")]
