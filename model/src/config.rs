@@ -127,8 +127,8 @@ impl ModelConfig {
 
     /// Parameters one decoded token reads through `unit` (its weights, norms and biases): the
     /// decode cost [`crate::LayerPlan::cost_ratio`] counts.
-    pub fn unit_params(&self, unit: crate::plan::Unit) -> usize {
-        use crate::plan::Unit;
+    pub fn unit_params(&self, unit: crate::unit::Unit) -> usize {
+        use crate::unit::Unit;
         let (attn, mlp) = self.block_params();
         match unit {
             Unit::Layer(_) => attn + mlp,

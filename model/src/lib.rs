@@ -8,6 +8,11 @@
 //!   once and packs sequences into rows without padding.
 //! - [`generate`] samples G completions per prompt and records the behavior log-probs.
 //! - [`load_model`] reads a GGUF file or a Hugging Face directory.
+//!
+//! Layer plans depend one way: the skip unit ([`Unit`]) ← the configuration's cost accounting ←
+//! [`LayerPlan`] ← the calibration [`Profile`] (data) ← the per-batch policy ([`PlanChoice`],
+//! [`PlanSpec`], [`PlanSampler`], [`AdaptivePolicy`]); [`calibrate`] runs the [`Decoder`] over
+//! plans and produces a profile.
 
 mod bridge;
 #[cfg(feature = "cuda")]
@@ -24,16 +29,18 @@ mod logprobs;
 pub mod ops;
 mod packed;
 mod plan;
+mod policy;
+mod profile;
 pub mod qgemm;
 mod quant;
 mod sampling;
 mod tokenizer;
+mod unit;
 mod weights;
 
 pub use bridge::WeightBridge;
 #[cfg(feature = "cuda")]
 pub use bridge_cuda::cuda_stream;
-pub use calibrate::{Profile, SkipSet};
 pub use config::{Architecture, HfConfig, ModelConfig, ParamSpec};
 pub use decoder::{Decoder, ForwardCtx, Kernels, KvCache};
 pub use device::DeviceSpec;
@@ -47,13 +54,16 @@ pub use loading::{
 };
 pub use logprobs::{completion_logprobs, CompletionLogProbs, ScoreRequest};
 pub use packed::{packed_logprobs, PackedLayout, PackedLogProbs, RowLayout, SharedPrompt};
-pub use plan::{
-    AdaptiveConfig, AdaptivePolicy, LayerPlan, PlanSampler, PlanSpec, PlanStrategy, SkipRatio,
-    Unit, CALIBRATED_WINDOW,
+pub use plan::{LayerPlan, PlanStrategy};
+pub use policy::{
+    AdaptiveConfig, AdaptivePolicy, PlanChoice, PlanKeys, PlanSampler, PlanSpec, SkipRatio,
+    CALIBRATED_WINDOW,
 };
+pub use profile::{CalibrationInfo, Profile, SkipSet, UnitMeasure, PROFILE_FORMAT};
 pub use quant::WeightFormat;
 pub use sampling::{stream_seed, Sampler, Sampling};
 pub use tokenizer::{ChatMessage, Tokenizer};
+pub use unit::Unit;
 pub use weights::Weights;
 
 /// Re-exported so that users of this crate name the same candle types.

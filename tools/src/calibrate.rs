@@ -3,6 +3,7 @@
 //! where the calibrated and adaptive plan strategies find it.
 
 use crate::modelargs::ModelArgs;
+use crate::profile::{default_profile_path, model_hash};
 use crate::train::TrainFile;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -11,8 +12,7 @@ use model::calibrate::{
     calibrate, unit_cost, CalibrateConfig, CalibrateProgress, CalibrationSequence,
 };
 use model::{
-    generate, Decoder, GenerationConfig, LayerPlan, ModelConfig, Profile, Sampling, Tokenizer,
-    Unit, WeightBridge,
+    generate, Decoder, GenerationConfig, LayerPlan, ModelConfig, Profile, Sampling, Tokenizer, Unit,
 };
 use plotters::prelude::*;
 use rollout_server::dataset::{Dataset, DatasetSpec};
@@ -63,60 +63,6 @@ pub struct CalibrateArgs {
     /// Where to write the profile [default: next to the model].
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
-}
-
-/// The default profile path of a model: `<file>.profile.json` next to a model file, or
-/// `nested-reft-profile.json` inside a model directory (a Hugging Face directory or a saved
-/// checkpoint).
-pub fn default_profile_path(model_path: &Path) -> PathBuf {
-    if model_path.is_dir() {
-        model_path.join("nested-reft-profile.json")
-    } else {
-        let mut name = model_path
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        name.push(".profile.json");
-        model_path.with_file_name(name)
-    }
-}
-
-/// The model hash a profile is keyed by.
-pub fn model_hash(cfg: &ModelConfig, tokenizer: &Tokenizer) -> Result<String> {
-    Ok(WeightBridge::new(cfg, tokenizer)?.model_hash().to_string())
-}
-
-/// Loads the profile for a model (from `path`, else the default path), refusing one measured
-/// on another model; a missing profile is an error that says how to make one.
-pub fn load_profile(
-    path: Option<&Path>,
-    model_path: &Path,
-    cfg: &ModelConfig,
-    tokenizer: &Tokenizer,
-) -> Result<Profile> {
-    let file = path
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| default_profile_path(model_path));
-    if !file.exists() {
-        bail!(
-            "no calibration profile at {}: run `nested-reft calibrate{}` first (it takes a few \
-             minutes), or give --profile",
-            file.display(),
-            if path.is_none() && !is_default_model(model_path) {
-                format!(" --model {}", model_path.display())
-            } else {
-                String::new()
-            }
-        );
-    }
-    let hash = model_hash(cfg, tokenizer)?;
-    let profile = Profile::load(&file, &hash)?;
-    profile.check_layers(cfg.num_layers)?;
-    Ok(profile)
-}
-
-fn is_default_model(path: &Path) -> bool {
-    path == crate::assets::assets_dir().join(crate::assets::DEFAULT_MODEL_FILE)
 }
 
 /// The calibration set: the full model's greedy completions (at most `max_new_tokens` tokens)

@@ -1,15 +1,15 @@
 //! Options every model command shares: which model, and which layer plan.
 
+use crate::profile::{resolve_choice, ProfileSource};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use model::{
-    AdaptiveConfig, Decoder, DeviceSpec, LayerPlan, LoadOptions, LoadedModel, ModelConfig,
-    PlanSampler, PlanSpec, PlanStrategy, SkipRatio, Tokenizer, Unit, WeightFormat,
+    Decoder, DeviceSpec, LayerPlan, LoadOptions, LoadedModel, PlanChoice, PlanKeys, PlanSampler,
+    PlanSpec, PlanStrategy, Tokenizer, Unit, WeightFormat,
 };
 use std::path::Path;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Which model to load.
@@ -164,89 +164,27 @@ impl StrategyArg {
     }
 }
 
-/// What the calibrated and adaptive strategies need to find the model's profile.
-#[derive(Debug, Clone, Copy)]
-pub struct ProfileSource<'a> {
-    /// The model's path (the profile lives next to it by default).
-    pub model_path: &'a Path,
-    /// The model's configuration.
-    pub config: &'a ModelConfig,
-    /// Its tokenizer (part of the model hash).
-    pub tokenizer: &'a Tokenizer,
-}
-
 impl PlanArgs {
-    fn ratio(&self) -> SkipRatio {
-        let min = self.skip_ratio.unwrap_or(0.0);
-        match self.skip_ratio_max {
-            Some(max) => SkipRatio::Range { min, max },
-            None => SkipRatio::Fixed(min),
+    /// The plan keys these flags set.
+    pub fn keys(&self) -> PlanKeys {
+        PlanKeys {
+            skip_ratio: self.skip_ratio,
+            skip_ratio_max: self.skip_ratio_max,
+            strategy: self.plan_strategy.map(StrategyArg::strategy),
+            skip_layers: self.skip_layers.clone(),
+            kl_budget: self.kl_budget,
         }
     }
 
-    /// The plan spec these flags describe (the full model when none is given). The calibrated
-    /// and adaptive strategies need the model's profile: see [`PlanArgs::resolve`].
-    pub fn spec(&self, num_layers: usize) -> Result<PlanSpec> {
-        Ok(match &self.skip_layers {
-            Some(skip) => {
-                if self.skip_ratio.is_some() || self.skip_ratio_max.is_some() {
-                    bail!("--skip-layers and --skip-ratio cannot be combined");
-                }
-                PlanSpec::Explicit(LayerPlan::skipping_units(skip, num_layers)?)
-            }
-            None => {
-                let strategy = self.plan_strategy.unwrap_or(StrategyArg::Random).strategy();
-                if strategy.needs_profile() {
-                    bail!("the {strategy} plan strategy needs the model's calibration profile");
-                }
-                PlanSpec::Nested {
-                    ratio: self.ratio(),
-                    strategy,
-                }
-            }
-        })
+    /// The plan choice these flags describe (the full model when none is given), checked.
+    pub fn choice(&self) -> Result<PlanChoice> {
+        PlanChoice::from_keys(self.keys()).context("in the plan flags")
     }
 
-    /// The plan spec, loading the calibration profile for the calibrated and adaptive
-    /// strategies (from --profile, else next to the model).
+    /// The plan spec for a loaded model, loading the calibration profile for the calibrated
+    /// and adaptive strategies (from --profile, else next to the model).
     pub fn resolve(&self, src: ProfileSource<'_>) -> Result<PlanSpec> {
-        let strategy = self.plan_strategy.map(StrategyArg::strategy);
-        if self.kl_budget.is_some() && strategy != Some(PlanStrategy::Adaptive) {
-            bail!("--kl-budget applies to --plan-strategy adaptive only");
-        }
-        match strategy {
-            Some(s) if s.needs_profile() && self.skip_layers.is_none() => {
-                let profile = Arc::new(crate::calibrate::load_profile(
-                    self.profile.as_deref(),
-                    src.model_path,
-                    src.config,
-                    src.tokenizer,
-                )?);
-                if s == PlanStrategy::Calibrated {
-                    Ok(PlanSpec::Calibrated {
-                        ratio: self.ratio(),
-                        profile,
-                    })
-                } else {
-                    if self.skip_ratio.is_some() || self.skip_ratio_max.is_some() {
-                        bail!(
-                            "--plan-strategy adaptive chooses its own cost: give --kl-budget \
-                             instead of --skip-ratio"
-                        );
-                    }
-                    Ok(PlanSpec::Adaptive {
-                        config: AdaptiveConfig {
-                            kl_budget: self
-                                .kl_budget
-                                .unwrap_or(AdaptiveConfig::default().kl_budget),
-                            ..AdaptiveConfig::default()
-                        },
-                        profile,
-                    })
-                }
-            }
-            _ => self.spec(src.config.num_layers),
-        }
+        resolve_choice(&self.choice()?, self.profile.as_deref(), src)
     }
 
     /// The behavior's weight format (f32 unless --behavior-weights).
@@ -257,12 +195,6 @@ impl PlanArgs {
     /// The seed (0 when not given).
     pub fn seed(&self) -> u64 {
         self.seed.unwrap_or(0)
-    }
-
-    /// One plan for a model with `num_layers` layers (not for the profile strategies).
-    pub fn plan(&self, num_layers: usize) -> Result<LayerPlan> {
-        let spec = self.spec(num_layers)?;
-        Ok(PlanSampler::new(spec, num_layers, self.seed())?.next_plan()?)
     }
 
     /// One plan for a loaded model, any strategy.

@@ -1,11 +1,12 @@
 //! `nested-reft train`'s configuration: a TOML file, overridden by flags (and their
 //! environment variables), validated once into [`TrainConfig`].
 
-use crate::modelargs::{ModelArgs, PlanArgs, ProfileSource, StrategyArg};
+use crate::modelargs::{ModelArgs, PlanArgs};
+use crate::profile::{resolve_choice, ProfileSource};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use learner::{Correction, Normalizer, TisMode, UpdateConfig};
-use model::DeviceSpec;
+use model::{DeviceSpec, PlanChoice, PlanKeys};
 use rewards::RewardSpec;
 use rollout_server::dataset::DatasetSpec;
 use rollout_server::GeneratorConfig;
@@ -50,54 +51,60 @@ pub enum CorrectionArg {
     Retrace,
 }
 
-/// The plan part of the config file (the same knobs as the plan flags).
+/// The plan part of the config file: the plan choice (the same keys as the plan flags, see
+/// [`PlanKeys`]), checked when the file is read, and two settings of their own.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "PlanSection", into = "PlanSection")]
 pub struct PlanFile {
-    /// Skip ratio r (or the lower bound of a range).
-    pub skip_ratio: Option<f64>,
-    /// Upper bound of r, drawn per batch.
-    pub skip_ratio_max: Option<f64>,
-    /// `random`, `contiguous`, `calibrated` or `adaptive`.
-    pub strategy: Option<String>,
-    /// Explicit units to skip: layer numbers, or strings `"a12"` (attention block of layer 12)
-    /// and `"m12"` (its MLP block).
-    pub skip_layers: Option<Vec<SkipEntry>>,
+    /// Which plans the behavior runs.
+    pub choice: PlanChoice,
     /// The calibration profile of the calibrated and adaptive strategies (default: next to the
     /// model).
     pub profile: Option<PathBuf>,
-    /// adaptive: the KL(μ‖π) budget in nats per token.
-    pub kl_budget: Option<f64>,
     /// The behavior's linear weights: `f32`, `q8_0` or `q4_0`.
     pub behavior_weights: Option<String>,
 }
 
-/// One entry of `plan.skip_layers`: a layer number or a unit string.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum SkipEntry {
-    /// A whole layer.
-    Layer(usize),
-    /// `"12"`, `"a12"` or `"m12"`.
-    Unit(String),
+/// `[plan]` as written: the choice's keys, `profile` and `behavior_weights`; any other key is
+/// an error.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct PlanSection {
+    #[serde(flatten)]
+    keys: PlanKeys,
+    profile: Option<PathBuf>,
+    behavior_weights: Option<String>,
+    /// Keys of no known meaning (refused).
+    #[serde(flatten, skip_serializing)]
+    unknown: std::collections::BTreeMap<String, toml::Value>,
 }
 
-impl SkipEntry {
-    fn unit(&self) -> Result<model::Unit> {
-        Ok(match self {
-            SkipEntry::Layer(l) => model::Unit::Layer(*l),
-            SkipEntry::Unit(s) => s
-                .parse()
-                .with_context(|| format!("in plan.skip_layers entry {s:?}"))?,
-        })
+impl TryFrom<PlanSection> for PlanFile {
+    type Error = anyhow::Error;
+    fn try_from(s: PlanSection) -> Result<Self> {
+        if let Some(key) = s.unknown.keys().next() {
+            bail!(
+                "unknown key `{key}` in [plan] (expected skip_ratio, skip_ratio_max, strategy, \
+                 skip_layers, kl_budget, profile or behavior_weights)"
+            );
+        }
+        let file = PlanFile {
+            choice: PlanChoice::from_keys(s.keys)?,
+            profile: s.profile,
+            behavior_weights: s.behavior_weights,
+        };
+        file.weight_format()?;
+        Ok(file)
     }
 }
 
-impl From<model::Unit> for SkipEntry {
-    fn from(u: model::Unit) -> Self {
-        match u {
-            model::Unit::Layer(l) => SkipEntry::Layer(l),
-            other => SkipEntry::Unit(other.to_string()),
+impl From<PlanFile> for PlanSection {
+    fn from(f: PlanFile) -> Self {
+        PlanSection {
+            keys: f.choice.keys(),
+            profile: f.profile,
+            behavior_weights: f.behavior_weights,
+            unknown: Default::default(),
         }
     }
 }
@@ -413,24 +420,18 @@ impl TrainArgs {
         // The plan choice (ratio, range, strategy, explicit units) is replaced as a whole;
         // the profile, KL budget and weight format are separate settings, each kept from the
         // file unless its own flag is given.
-        if p.skip_ratio.is_some()
-            || p.skip_ratio_max.is_some()
-            || p.plan_strategy.is_some()
-            || p.skip_layers.is_some()
-        {
-            f.plan.skip_ratio = p.skip_ratio;
-            f.plan.skip_ratio_max = p.skip_ratio_max;
-            f.plan.strategy = p.plan_strategy.map(|s| s.strategy().to_string());
-            f.plan.skip_layers = p
-                .skip_layers
-                .as_ref()
-                .map(|v| v.iter().map(|&u| SkipEntry::from(u)).collect());
+        if p.keys().chooses() {
+            f.plan.choice = p.choice()?;
+        } else if let Some(b) = p.kl_budget {
+            f.plan.choice = f
+                .plan
+                .choice
+                .clone()
+                .with_kl_budget(b)
+                .context("--kl-budget")?;
         }
         if let Some(path) = &p.profile {
             f.plan.profile = Some(path.clone());
-        }
-        if let Some(b) = p.kl_budget {
-            f.plan.kl_budget = Some(b);
         }
         if let Some(w) = p.behavior_weights {
             f.plan.behavior_weights = Some(w.to_string());
@@ -527,8 +528,8 @@ fn validate(f: &mut TrainFile) -> Result<()> {
     if f.steps == 0 {
         bail!("steps must be at least 1");
     }
-    // The plan section parses (the profile itself is read when the model is known).
-    f.plan.to_args(f.seed)?;
+    // The plan section was checked when it was read (the profile itself is read when the
+    // model is known).
     f.generator.seed = f.seed;
     if (f.generator.temperature - f.update.temperature).abs() > 1e-9 {
         bail!(
@@ -578,11 +579,15 @@ impl TrainFile {
             warn(&s.to_string());
         }
         let reward = self.reward.build().context("while starting the reward")?;
-        let plan = self.plan.to_args(self.seed)?.resolve(ProfileSource {
-            model_path: model.path,
-            config: model.config,
-            tokenizer: &tokenizer,
-        })?;
+        let plan = resolve_choice(
+            &self.plan.choice,
+            self.plan.profile.as_deref(),
+            ProfileSource {
+                model_path: model.path,
+                config: model.config,
+                tokenizer: &tokenizer,
+            },
+        )?;
         rollout_server::Generator::new(
             self.generator.clone(),
             dataset,
@@ -611,34 +616,6 @@ impl PlanFile {
         Ok(match &self.behavior_weights {
             Some(w) => w.parse().context("in plan.behavior_weights")?,
             None => model::WeightFormat::F32,
-        })
-    }
-
-    /// The plan flags this section stands for.
-    pub fn to_args(&self, seed: u64) -> Result<PlanArgs> {
-        Ok(PlanArgs {
-            skip_ratio: self.skip_ratio,
-            skip_ratio_max: self.skip_ratio_max,
-            plan_strategy: match self.strategy.as_deref() {
-                None | Some("random") => None,
-                Some("contiguous") => Some(StrategyArg::Contiguous),
-                Some("calibrated") => Some(StrategyArg::Calibrated),
-                Some("adaptive") => Some(StrategyArg::Adaptive),
-                Some(other) => bail!(
-                    "plan.strategy {other:?} is not random, contiguous, calibrated or adaptive"
-                ),
-            },
-            skip_layers: match &self.skip_layers {
-                Some(v) => Some(v.iter().map(SkipEntry::unit).collect::<Result<_>>()?),
-                None => None,
-            },
-            profile: self.profile.clone(),
-            kl_budget: self.kl_budget,
-            behavior_weights: match &self.behavior_weights {
-                Some(w) => Some(w.parse().context("in plan.behavior_weights")?),
-                None => None,
-            },
-            seed: Some(seed),
         })
     }
 }

@@ -255,30 +255,9 @@ fn create(path: &Path) -> Result<File> {
 }
 
 fn describe_plan(p: &config::PlanFile) -> String {
-    let strategy = p.strategy.as_deref().unwrap_or("random");
-    let plan = match (&p.skip_layers, p.skip_ratio, p.skip_ratio_max) {
-        (Some(l), _, _) => {
-            let units: Vec<String> = l
-                .iter()
-                .map(|e| match e {
-                    config::SkipEntry::Layer(l) => l.to_string(),
-                    config::SkipEntry::Unit(u) => u.clone(),
-                })
-                .collect();
-            format!("skip {}", units.join(","))
-        }
-        _ if strategy == "adaptive" => format!(
-            "adaptive, KL budget {}",
-            p.kl_budget
-                .unwrap_or(model::AdaptiveConfig::default().kl_budget)
-        ),
-        (None, Some(r), Some(m)) => format!("{strategy} skip ratio {r}–{m}"),
-        (None, Some(r), None) if r > 0.0 => format!("{strategy} skip ratio {r}"),
-        _ => "full".into(),
-    };
     match p.behavior_weights.as_deref() {
-        Some(w) if w != "f32" => format!("{plan}, {w} behavior weights"),
-        _ => plan,
+        Some(w) if w != "f32" => format!("{}, {w} behavior weights", p.choice),
+        _ => p.choice.to_string(),
     }
 }
 
