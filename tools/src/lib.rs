@@ -16,6 +16,7 @@ pub mod eval;
 pub mod lm;
 pub mod modelargs;
 pub mod probe;
+pub mod rundir;
 pub mod score;
 pub mod service;
 pub mod step;

@@ -116,7 +116,7 @@ pub struct TrainFile {
     pub model: Option<PathBuf>,
     /// Where both processes run the model: `"cpu"`, `"cuda"` or `"cuda:N"`.
     pub device: DeviceSpec,
-    /// Output directory (default: `runs/train-<unix time>`).
+    /// Output directory (default: `runs/train-<local time>`).
     pub output_dir: Option<PathBuf>,
     /// Save the trained model at the end.
     pub save_model: bool,
@@ -211,7 +211,7 @@ pub struct TrainArgs {
     #[arg(long, env = "NESTED_REFT_STEPS")]
     pub steps: Option<u64>,
     /// Where metrics.jsonl, samples.jsonl, reward.svg, config.toml and the trained model go
-    /// [default: runs/train-<unix time>].
+    /// [default: runs/train-<local time>].
     #[arg(long, short, value_name = "DIR", env = "NESTED_REFT_OUTPUT_DIR")]
     pub output_dir: Option<PathBuf>,
     /// Do not save the trained model.
@@ -347,13 +347,7 @@ impl TrainArgs {
         validate(&mut f)?;
         let output_dir = match &f.output_dir {
             Some(d) => d.clone(),
-            None => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                PathBuf::from(format!("runs/train-{now}"))
-            }
+            None => crate::rundir::new_run_dir("train"),
         };
         Ok(TrainConfig {
             file: f,
