@@ -33,6 +33,7 @@ pub use assembly::{AssembledBatch, AssemblyStats, BatchAssembler};
 pub use batch::{group_advantages, prepare_batch, PreparedBatch, TrainSequence};
 pub use checkpoint::{
     latest_checkpoint, scan_checkpoints, verify_checkpoint, CheckpointScan, CheckpointState,
+    WriteFault, CHECKPOINT_FILES,
 };
 pub use config::{
     AdvantageConfig, Correction, Decay, Normalizer, OptimConfig, TisMode, UpdateConfig,

@@ -1,5 +1,6 @@
 //! Learner checkpoints: the optimizer state round-trips (a resumed learner takes the same next
-//! step bit for bit), retention, corrupt and partial checkpoints, and shape mismatches.
+//! step bit for bit), retention, corrupt and partial checkpoints, shape mismatches, a write
+//! that fails at each file (a full disk), and checkpoints of the older sha256 manifest.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,8 +10,9 @@ use candle_core::{DType, Tensor};
 use common::tiny_learner;
 use learner::{
     latest_checkpoint, scan_checkpoints, verify_checkpoint, Decay, Learner, LearnerError,
-    OptimConfig, PreparedBatch, TrainSequence, UpdateConfig,
+    OptimConfig, PreparedBatch, TrainSequence, UpdateConfig, WriteFault, CHECKPOINT_FILES,
 };
+use sha2::{Digest, Sha256};
 use std::fs;
 use std::path::Path;
 
@@ -211,7 +213,7 @@ fn corrupt_checkpoints_are_refused_and_the_previous_one_is_used() {
     assert_eq!(scan.skipped[0].0, step(3), "LATEST is tried first");
     assert!(reasons[0].contains("model.safetensors") && reasons[0].contains("bytes"));
     assert_eq!(scan.skipped[1].0, step(2));
-    assert!(reasons[1].contains("sha256"), "{}", reasons[1]);
+    assert!(reasons[1].contains("crc32c"), "{}", reasons[1]);
     assert_eq!(latest_checkpoint(root.path()).unwrap(), Some(step(1)));
 
     let before = param_bits(&l);
@@ -274,4 +276,160 @@ fn a_checkpoint_of_another_shape_is_refused_naming_the_tensor() {
         err.contains("layers.2") && err.contains("unexpected"),
         "{err}"
     );
+}
+
+/// Every entry of `root`, `LATEST` included, sorted.
+fn all_names(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_write_that_fails_at_any_file_leaves_no_trace_and_latest_unchanged() {
+    let mut l = tiny_learner(11, 2, 4, DType::F32, config());
+    l.step_prepared(&batch(0)).unwrap();
+    assert_eq!(CHECKPOINT_FILES.len(), 5);
+    for (k, file) in CHECKPOINT_FILES.iter().enumerate() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        l.save_checkpoint(root, 1, &serde_json::Value::Null, 2)
+            .unwrap();
+        let before = all_names(root);
+        assert_eq!(before, ["LATEST", "step-00000001"]);
+
+        let fault = Some(WriteFault { after_files: k });
+        let err = l
+            .save_checkpoint_with(root, 2, &serde_json::Value::Null, 2, fault)
+            .unwrap_err();
+        // The error names the file and the OS error.
+        match &err {
+            LearnerError::Io { op, path, source } => {
+                assert_eq!(*op, "writing", "file {k}: {err}");
+                assert_eq!(
+                    path.file_name().unwrap().to_str().unwrap(),
+                    *file,
+                    "file {k}: {err}"
+                );
+                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "file {k}: {err}");
+            }
+            other => panic!("file {k}: expected an I/O error, got {other}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains(file) && text.contains("No space left on device"),
+            "{text}"
+        );
+        // No step-2.tmp, no LATEST.tmp, no step-2; LATEST still names step 1, which loads.
+        assert_eq!(all_names(root), before, "file {k}");
+        assert_eq!(
+            fs::read_to_string(root.join("LATEST")).unwrap().trim(),
+            "step-00000001"
+        );
+        assert_eq!(
+            latest_checkpoint(root).unwrap(),
+            Some(root.join("step-00000001"))
+        );
+
+        // A failure while replacing a checkpoint of the same step leaves the old one.
+        let err = l.save_checkpoint_with(root, 1, &serde_json::json!("new"), 2, fault);
+        assert!(err.is_err(), "file {k}");
+        assert_eq!(all_names(root), before, "file {k}");
+        let mut fresh = tiny_learner(11, 2, 5, DType::F32, config());
+        let state = fresh.load_checkpoint(&root.join("step-00000001")).unwrap();
+        assert_eq!(state.extra, serde_json::Value::Null);
+        assert_eq!(param_bits(&fresh), param_bits(&l));
+
+        // The next try (the disk has room again) succeeds.
+        l.save_checkpoint(root, 2, &serde_json::Value::Null, 2)
+            .unwrap();
+        assert_eq!(
+            all_names(root),
+            ["LATEST", "step-00000001", "step-00000002"]
+        );
+        assert_eq!(
+            latest_checkpoint(root).unwrap(),
+            Some(root.join("step-00000002"))
+        );
+    }
+
+    // A fault past the last file injects nothing.
+    let root = tempfile::tempdir().unwrap();
+    let fault = Some(WriteFault {
+        after_files: CHECKPOINT_FILES.len(),
+    });
+    l.save_checkpoint_with(root.path(), 3, &serde_json::Value::Null, 1, fault)
+        .unwrap();
+    verify_checkpoint(&root.path().join("step-00000003")).unwrap();
+}
+
+#[test]
+fn checkpoints_with_a_sha256_manifest_still_load() {
+    let root = tempfile::tempdir().unwrap();
+    let mut a = tiny_learner(11, 2, 4, DType::F32, config());
+    a.step_prepared(&batch(0)).unwrap();
+    let dir = a
+        .save_checkpoint(root.path(), 1, &serde_json::json!({ "k": 1 }), 1)
+        .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["format"], 2);
+    let files = manifest["files"].as_object().unwrap();
+    assert_eq!(files.len(), 3);
+    for (name, entry) in files {
+        // The manifest's CRC-32C is the file's, in 8 hex digits.
+        let bytes = fs::read(dir.join(name)).unwrap();
+        assert_eq!(
+            entry["crc32c"].as_str().unwrap(),
+            format!("{:08x}", crc32c::crc32c(&bytes))
+        );
+        assert_eq!(entry["bytes"].as_u64().unwrap(), bytes.len() as u64);
+    }
+
+    // The manifest as format 1 wrote it: a sha256 per file.
+    let old: serde_json::Map<String, serde_json::Value> = files
+        .iter()
+        .map(|(name, entry)| {
+            let bytes = fs::read(dir.join(name)).unwrap();
+            let sha = Sha256::digest(&bytes);
+            let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+            (
+                name.clone(),
+                serde_json::json!({ "sha256": hex, "bytes": entry["bytes"] }),
+            )
+        })
+        .collect();
+    let v1 = serde_json::json!({ "format": 1, "files": old });
+    fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec_pretty(&v1).unwrap(),
+    )
+    .unwrap();
+    verify_checkpoint(&dir).unwrap();
+    let mut b = tiny_learner(11, 2, 99, DType::F32, config());
+    let state = b.load_checkpoint(&dir).unwrap();
+    assert_eq!(state.extra, serde_json::json!({ "k": 1 }));
+    assert_eq!(param_bits(&a), param_bits(&b));
+    assert_eq!(moment_bits(&a), moment_bits(&b));
+
+    // A flipped byte is caught by the sha256 of a format-1 manifest too.
+    let model = dir.join("model.safetensors");
+    let mut bytes = fs::read(&model).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    fs::write(&model, &bytes).unwrap();
+    let err = verify_checkpoint(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("sha256") && err.contains("model.safetensors"),
+        "{err}"
+    );
+
+    // An unknown format is refused, naming it.
+    let v9 = serde_json::json!({ "format": 9, "files": files });
+    fs::write(dir.join("manifest.json"), serde_json::to_vec(&v9).unwrap()).unwrap();
+    let err = verify_checkpoint(&dir).unwrap_err().to_string();
+    assert!(err.contains("manifest format 9"), "{err}");
 }

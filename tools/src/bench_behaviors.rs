@@ -62,7 +62,7 @@ pub struct BenchBehaviorsArgs {
     #[arg(long)]
     pub no_eval: bool,
     /// Where the runs, `behaviors.json` and `rewards.svg` go [default:
-    /// runs/bench-behaviors-<time>].
+    /// runs/bench-behaviors-<local time>].
     #[arg(long, short, value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
     /// Reuse the finished runs (and evaluations) in the output directory instead of running
@@ -174,13 +174,10 @@ pub fn run(args: BenchBehaviorsArgs) -> Result<()> {
         args.runs.clone()
     };
     let specs = parse_runs(&given)?;
-    let out = args.output_dir.clone().unwrap_or_else(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        PathBuf::from(format!("runs/bench-behaviors-{now}"))
-    });
+    let out = args
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| crate::rundir::new_run_dir("bench-behaviors"));
     std::fs::create_dir_all(&out).with_context(|| format!("while creating {}", out.display()))?;
     let exe = std::env::current_exe().context("while locating nested-reft")?;
     let sets: Vec<String> = args

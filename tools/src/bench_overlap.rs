@@ -37,7 +37,7 @@ pub struct BenchOverlapArgs {
     /// (repeat the option for several).
     #[arg(long = "train-arg", value_name = "FLAG", allow_hyphen_values = true)]
     pub train_args: Vec<String>,
-    /// Where both runs, `overlap.json` and `timeline.svg` go [default: runs/bench-overlap-<time>].
+    /// Where both runs, `overlap.json` and `timeline.svg` go [default: runs/bench-overlap-<local time>].
     #[arg(long, short, value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
     /// Reuse the finished runs in the output directory instead of running them again (to
@@ -106,13 +106,10 @@ pub fn run(args: BenchOverlapArgs) -> Result<()> {
     if args.steps < 3 {
         bail!("--steps must be at least 3 (the first step is start-up and is not timed)");
     }
-    let out = args.output_dir.clone().unwrap_or_else(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        PathBuf::from(format!("runs/bench-overlap-{now}"))
-    });
+    let out = args
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| crate::rundir::new_run_dir("bench-overlap"));
     std::fs::create_dir_all(&out).with_context(|| format!("while creating {}", out.display()))?;
     let exe = std::env::current_exe().context("while locating nested-reft")?;
     for mode in ["sync", "async"] {

@@ -17,6 +17,7 @@ pub mod lm;
 pub mod modelargs;
 pub mod probe;
 pub mod profile;
+pub mod rundir;
 pub mod score;
 pub mod service;
 pub mod step;

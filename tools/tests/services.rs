@@ -975,3 +975,81 @@ fn a_segment_truncated_under_a_run_stops_it_with_a_clear_error() {
         assert!(!err.contains("signal"), "a process died of a signal: {err}");
     }
 }
+
+#[test]
+fn a_failed_checkpoint_is_removed_and_the_policy_is_followed() {
+    // Checkpoints at steps 2, 4 and 6; the second (step 4) fails with ENOSPC while writing the
+    // optimizer's moments (file 1).
+    for policy in ["retry", "stop"] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "mode = \"async\"\nsteps = 6\nseed = 5\ncheckpoint_every = 2\nkeep_checkpoints = 1\n\
+                 checkpoint_failure = \"{policy}\"\nsave_model = false\nlearner_threads = 1\n\
+                 server_threads = 1\n[generator]\nprompts_per_batch = 2\ngroup_size = 2\n\
+                 max_new_tokens = 8\ntemperature = 1.0\n[update]\ntemperature = 1.0\n"
+            ),
+        )
+        .unwrap();
+        let runtime = dir.path().join("run");
+        let (lstate, sstate) = (dir.path().join("learner"), dir.path().join("server"));
+        let _server = Svc::start(SERVER, &cfg, &runtime, &sstate, &[]);
+        let mut learner = Svc::start(
+            LEARNER,
+            &cfg,
+            &runtime,
+            &lstate,
+            &["--fail-checkpoint-write", "2:1"],
+        );
+        let status = learner.wait(Duration::from_secs(900));
+        let log = learner.log();
+        // A log file gets no colour escapes.
+        assert!(!log.contains('\u{1b}'), "{log}");
+        let ckpt = lstate.join("checkpoints");
+        let mut names: Vec<String> = std::fs::read_dir(&ckpt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let steps = step_lines(&lstate.join("metrics.jsonl"));
+        let line = |step: u64| {
+            steps
+                .iter()
+                .find(|v| v["step"].as_u64() == Some(step))
+                .unwrap_or_else(|| panic!("{policy}: no line of step {step}: {steps:?}"))
+                .clone()
+        };
+        if policy == "retry" {
+            // Training went on and the next checkpoint succeeded; the failure is in the metrics.
+            assert!(status.success(), "{status:?}\n{log}");
+            assert_eq!(names, ["LATEST", "step-00000006"], "{log}");
+            assert_eq!(latest(&ckpt).unwrap(), "step-00000006");
+            assert_eq!(line(2)["checkpoint_failures"], 0);
+            let failed = line(4);
+            assert_eq!(failed["checkpoint_failures"], 1, "{failed}");
+            let error = failed["checkpoint_error"].as_str().unwrap();
+            assert!(
+                error.contains("optimizer.safetensors")
+                    && error.contains("No space left on device"),
+                "{error}"
+            );
+            assert_eq!(line(6)["checkpoint_failures"], 1);
+            assert!(line(6).get("checkpoint_error").is_none());
+            assert!(log.contains("training goes on"), "{log}");
+        } else {
+            // The learner stopped with the error; LATEST names the checkpoint of step 2.
+            assert!(!status.success(), "{log}");
+            assert_eq!(names, ["LATEST", "step-00000002"], "{log}");
+            assert_eq!(latest(&ckpt).unwrap(), "step-00000002");
+            assert!(
+                log.contains("optimizer.safetensors")
+                    && log.contains("No space left on device")
+                    && log.contains("checkpoint_failure"),
+                "{log}"
+            );
+            assert_eq!(steps.last().unwrap()["step"], 3, "{steps:?}");
+        }
+    }
+}

@@ -171,6 +171,30 @@ fn print_config_round_trips_through_a_file() {
         text.contains("prefix_sharing = false") && text.contains("packing = false"),
         "{text}"
     );
+    // A default run keeps the one checkpoint resuming needs and trains on when one fails.
+    let out = run(&["train", "--print-config"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("keep_checkpoints = 1") && text.contains("checkpoint_failure = \"retry\""),
+        "{text}"
+    );
+    let out = run(&[
+        "train",
+        "--print-config",
+        "--keep-checkpoints",
+        "3",
+        "--checkpoint-failure",
+        "stop",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("keep_checkpoints = 3") && text.contains("checkpoint_failure = \"stop\""),
+        "{text}"
+    );
+    let out = run(&["train", "--print-config", "--keep-checkpoints", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--keep-checkpoints"), "{err}");
 }
 
 #[test]
@@ -291,7 +315,23 @@ fn ctrl_c_in_mode(mode: &str) {
         let server = std::fs::read_to_string(out_dir.join("rollout-server.log")).unwrap();
         assert!(out_dir.join("checkpoints/LATEST").is_file(), "{learner}");
         assert!(server.contains("stopped"), "{server}");
+        // The log files are plain text: no colour escapes.
+        assert!(
+            !learner.contains('\u{1b}') && !server.contains('\u{1b}'),
+            "{learner}"
+        );
+        assert!(
+            stderr.contains("disk:")
+                && stderr.contains("checkpoints")
+                && stderr.contains("(1 kept)"),
+            "{stderr}"
+        );
     }
+    // The run says where its disk space went.
+    assert!(
+        stderr.contains("disk:") && stderr.contains("model"),
+        "{stderr}"
+    );
     assert!(out_dir.join("reward.svg").is_file());
     assert!(out_dir.join("model").join("model.safetensors").is_file());
     assert!(!out_dir.join("model.tmp").exists());

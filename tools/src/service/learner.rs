@@ -8,7 +8,7 @@ use super::{
 };
 use crate::probe::{Probe, ProbeCheck, ProbeLedger};
 use crate::step;
-use crate::train::TrainFile;
+use crate::train::{CheckpointFailure, TrainFile};
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 use learner::{AssembledBatch, AssemblyStats, BatchAssembler, Learner, StepStats};
@@ -48,6 +48,18 @@ pub struct LearnerArgs {
     /// until stopped).
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Checkpoints kept, the newest (default: the config's `keep_checkpoints`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_checkpoints: Option<u64>,
+    /// When a checkpoint cannot be written: `stop` with the error or `retry` at the next
+    /// interval (default: the config's `checkpoint_failure`).
+    #[arg(long, value_enum)]
+    pub checkpoint_failure: Option<CheckpointFailure>,
+    /// Fault injection for tests, `C:F`: the C-th checkpoint this process writes (from 1)
+    /// fails with ENOSPC while writing its file F (0: the model, 1: the optimizer, 2: the
+    /// state, 3: the manifest, 4: LATEST).
+    #[arg(long, value_name = "C:F", hide = true, value_parser = parse_fault)]
+    pub fail_checkpoint_write: Option<(u64, learner::WriteFault)>,
 }
 
 /// One line of the learner's `metrics.jsonl`.
@@ -66,6 +78,11 @@ struct StepLine<'a> {
     publish_s: f64,
     /// Seconds writing a checkpoint (0 when none this step).
     checkpoint_s: f64,
+    /// Why this step's checkpoint failed (it was removed; `LATEST` names the previous one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint_error: Option<String>,
+    /// Checkpoints that failed so far.
+    checkpoint_failures: u64,
     /// Seconds scoring the weight probe with the published weights.
     probe_s: f64,
     /// With device weight slots: the checksum of the weights published this step (see
@@ -248,7 +265,13 @@ impl ControlLink {
 
 /// Runs the learner service until its steps are done or it is stopped.
 pub fn main(args: LearnerArgs) -> Result<()> {
-    let (cfg, paths, stop) = args.common.start("learner", |c| c.learner_threads)?;
+    let (mut cfg, paths, stop) = args.common.start("learner", |c| c.learner_threads)?;
+    if let Some(k) = args.keep_checkpoints {
+        cfg.keep_checkpoints = usize::try_from(k).context("--keep-checkpoints is too large")?;
+    }
+    if let Some(p) = args.checkpoint_failure {
+        cfg.checkpoint_failure = p;
+    }
     let steps = args.steps.unwrap_or(cfg.steps);
     run(
         &cfg,
@@ -257,6 +280,7 @@ pub fn main(args: LearnerArgs) -> Result<()> {
         steps,
         args.common.peer_timeout()?,
         &stop,
+        args.fail_checkpoint_write,
     )
 }
 
@@ -267,8 +291,10 @@ fn run(
     steps: u64,
     peer_timeout: Duration,
     stop: &AtomicBool,
+    fault: Option<(u64, learner::WriteFault)>,
 ) -> Result<()> {
     let mut svc = Service::start(cfg, paths)?;
+    svc.ckpt.fault = fault;
     if resume {
         svc.resume()?;
     }
@@ -347,6 +373,8 @@ fn run(
             wait_s: waited,
             publish_s: published.publish_s,
             checkpoint_s,
+            checkpoint_error: svc.ckpt.error.take(),
+            checkpoint_failures: svc.ckpt.failures,
             probe_s: published.probe_s,
             weights_sum: published.weights_sum,
             probes: std::mem::take(&mut svc.probes.done),
@@ -358,8 +386,19 @@ fn run(
     }
     svc.notifier.stopping();
     if svc.step != svc.last_checkpoint_step && cfg.checkpoint_every > 0 {
-        svc.checkpoint(&ring)?;
-        info!(step = svc.step, "final checkpoint written");
+        match svc.checkpoint(&ring) {
+            Ok(_) => info!(step = svc.step, "final checkpoint written"),
+            Err(e) => {
+                let failed = svc.ckpt.failed(cfg.checkpoint_failure, svc.step, e)?;
+                metrics.write(&serde_json::json!({
+                    "event": "checkpoint_failed",
+                    "step": svc.step,
+                    "checkpoint_error": failed,
+                    "checkpoint_failures": svc.ckpt.failures,
+                    "wall_s": unix_now(),
+                }))?;
+            }
+        }
     }
     let finished = steps > 0 && svc.step >= steps;
     if finished {
@@ -415,6 +454,7 @@ struct Service<'a> {
     /// Optimizer steps taken.
     step: u64,
     last_checkpoint_step: u64,
+    ckpt: CheckpointFailures,
     /// The last batch handed on (trained or dropped): older ids are duplicates.
     last_batch: Option<u64>,
     /// The newest batch received from the ring (or, after a resume, trained before it).
@@ -473,6 +513,7 @@ impl<'a> Service<'a> {
             metrics_path: paths.state_dir.join("metrics.jsonl"),
             step: 0,
             last_checkpoint_step: 0,
+            ckpt: CheckpointFailures::default(),
             last_batch: None,
             received: None,
             duplicate_records: 0,
@@ -769,7 +810,12 @@ impl<'a> Service<'a> {
             return Ok(0.0);
         }
         let t = unix_now();
-        self.checkpoint(ring)?;
+        if let Err(e) = self.checkpoint(ring) {
+            let failed = self
+                .ckpt
+                .failed(self.cfg.checkpoint_failure, self.step, e)?;
+            self.ckpt.error = Some(failed);
+        }
         timeline.push("checkpoint", t, unix_now());
         Ok(unix_now() - t)
     }
@@ -782,6 +828,7 @@ impl<'a> Service<'a> {
             self.last_batch,
             ring,
             self.cfg,
+            self.ckpt.next_fault(),
         )?;
         self.last_checkpoint_step = self.step;
         Ok(dir)
@@ -806,6 +853,57 @@ impl<'a> Service<'a> {
             warn!("the rollout server is not connected: it was not told to stop");
         }
         control.send(Message::Shutdown);
+    }
+}
+
+/// Failed checkpoints: the count, the last error not yet in the metrics, and a fault to inject
+/// (into the checkpoint attempt of that number).
+#[derive(Default)]
+struct CheckpointFailures {
+    failures: u64,
+    error: Option<String>,
+    attempts: u64,
+    fault: Option<(u64, learner::WriteFault)>,
+}
+
+/// `C:F` of `--fail-checkpoint-write`.
+fn parse_fault(s: &str) -> std::result::Result<(u64, learner::WriteFault), String> {
+    let bad = || format!("expected CHECKPOINT:FILE (two numbers, e.g. 2:1), got {s:?}");
+    let (c, f) = s.split_once(':').ok_or_else(bad)?;
+    let c = c.parse().map_err(|_| bad())?;
+    let after_files = f.parse().map_err(|_| bad())?;
+    Ok((c, learner::WriteFault { after_files }))
+}
+
+impl CheckpointFailures {
+    /// Counts an attempt; the fault to inject into it, if it is the one.
+    fn next_fault(&mut self) -> Option<learner::WriteFault> {
+        self.attempts += 1;
+        self.fault
+            .filter(|(n, _)| *n == self.attempts)
+            .map(|(_, f)| f)
+    }
+
+    /// Applies the policy to a failed checkpoint (the learner crate removed what it wrote):
+    /// `stop` returns the error; `retry` counts and logs it and returns its text.
+    fn failed(&mut self, policy: CheckpointFailure, step: u64, e: anyhow::Error) -> Result<String> {
+        self.failures += 1;
+        match policy {
+            CheckpointFailure::Stop => Err(e.context(
+                "stopping (checkpoint_failure = \"stop\"); the previous checkpoint is intact \
+                 and --resume continues from it",
+            )),
+            CheckpointFailure::Retry => {
+                let text = format!("{e:#}");
+                warn!(
+                    step,
+                    failures = self.failures,
+                    "{text}; training goes on and the next checkpoint is tried at the next \
+                     interval (LATEST names the previous one)"
+                );
+                Ok(text)
+            }
+        }
     }
 }
 
@@ -881,6 +979,7 @@ fn checkpoint(
     last_batch: Option<u64>,
     ring: &protocol::Consumer,
     cfg: &TrainFile,
+    fault: Option<learner::WriteFault>,
 ) -> Result<PathBuf> {
     let extra = serde_json::to_value(CheckpointExtra {
         last_batch_id: last_batch,
@@ -889,7 +988,7 @@ fn checkpoint(
     })?;
     std::fs::create_dir_all(root).with_context(|| format!("while creating {}", root.display()))?;
     let dir = learner
-        .save_checkpoint(root, step, &extra, cfg.keep_checkpoints)
+        .save_checkpoint_with(root, step, &extra, cfg.keep_checkpoints, fault)
         .with_context(|| format!("while writing the checkpoint of step {step}"))?;
     info!(
         step,

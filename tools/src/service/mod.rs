@@ -180,14 +180,22 @@ pub fn default_runtime_dir() -> PathBuf {
 }
 
 /// Sets up `tracing` logging to stderr: readable text, or JSON lines with `json`. The level
-/// comes from `NESTED_REFT_LOG` (e.g. `debug`), default `info`.
+/// comes from `NESTED_REFT_LOG` (e.g. `debug`), default `info`. Text is coloured only when
+/// stderr is a terminal and `NO_COLOR` is unset: a log file (`nested-reft train` sends each
+/// service's stderr to one) or the journal gets plain text.
 pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("NESTED_REFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = use_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false);
     // A second initialisation (tests) is harmless: the first subscriber stays.
     if json {
@@ -195,6 +203,12 @@ pub fn init_logging(json: bool) {
     } else {
         let _ = builder.try_init();
     }
+}
+
+/// Whether log text is coloured: on a terminal, unless `NO_COLOR` is set to anything
+/// non-empty (the convention of no-color.org).
+pub fn use_colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Sizes candle's thread pools for this process: `threads` from the config, else half of
@@ -428,5 +442,20 @@ pub fn nap(stop: &AtomicBool, d: Duration) {
             break;
         }
         std::thread::sleep((end - now).min(Duration::from_millis(20)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::use_colour;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some(OsStr::new(""))));
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, None));
+        assert!(!use_colour(false, Some(OsStr::new("1"))));
     }
 }

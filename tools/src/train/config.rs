@@ -38,6 +38,29 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// What the learner does when writing a checkpoint fails (a full disk, an I/O error): the
+/// failed checkpoint is removed either way and `LATEST` stays on the previous one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointFailure {
+    /// Stop the learner with the error (the run can be resumed from the previous checkpoint).
+    Stop,
+    /// Log the error, count it in the metrics, train on and try again at the next interval
+    /// (the default: the weights are safe in memory, and a checkpoint only bounds how much a
+    /// crash would cost, so a disk that is full for a while should not end the run).
+    #[default]
+    Retry,
+}
+
+impl std::fmt::Display for CheckpointFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Stop => "stop",
+            Self::Retry => "retry",
+        })
+    }
+}
+
 /// `--correction` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CorrectionArg {
@@ -123,7 +146,7 @@ pub struct TrainFile {
     pub model: Option<PathBuf>,
     /// Where both processes run the model: `"cpu"`, `"cuda"` or `"cuda:N"`.
     pub device: DeviceSpec,
-    /// Output directory (default: `runs/train-<unix time>`).
+    /// Output directory (default: `runs/train-<local time>`).
     pub output_dir: Option<PathBuf>,
     /// Save the trained model at the end.
     pub save_model: bool,
@@ -145,8 +168,10 @@ pub struct TrainFile {
     pub max_prompt_tokens: u32,
     /// Two-process modes: write a checkpoint every this many steps (0: never).
     pub checkpoint_every: u64,
-    /// Checkpoints kept (the newest).
+    /// Checkpoints kept (the newest); 1 is what resuming needs.
     pub keep_checkpoints: usize,
+    /// What a failed checkpoint does: `"stop"` the learner or `"retry"` at the next interval.
+    pub checkpoint_failure: CheckpointFailure,
     /// Two-process modes: CPU threads of the learner process (0: half of the machine's).
     pub learner_threads: usize,
     /// Two-process modes: CPU threads of the rollout-server process (0: the other half).
@@ -196,7 +221,8 @@ impl Default for TrainFile {
             max_staleness: 1,
             max_prompt_tokens: 1024,
             checkpoint_every: 10,
-            keep_checkpoints: 3,
+            keep_checkpoints: 1,
+            checkpoint_failure: CheckpointFailure::Retry,
             learner_threads: 0,
             server_threads: 0,
             pin_cores: false,
@@ -225,7 +251,7 @@ pub struct TrainArgs {
     #[arg(long, env = "NESTED_REFT_STEPS")]
     pub steps: Option<u64>,
     /// Where metrics.jsonl, samples.jsonl, reward.svg, config.toml and the trained model go
-    /// [default: runs/train-<unix time>].
+    /// [default: runs/train-<local time>].
     #[arg(long, short, value_name = "DIR", env = "NESTED_REFT_OUTPUT_DIR")]
     pub output_dir: Option<PathBuf>,
     /// Do not save the trained model.
@@ -314,6 +340,14 @@ pub struct TrainArgs {
     /// Two-process modes: checkpoint every N steps (0: never) [default: 10].
     #[arg(long, value_name = "N")]
     pub checkpoint_every: Option<u64>,
+    /// Two-process modes: checkpoints kept, the newest (≥ 1; each holds the model and the
+    /// optimizer's moments, three times the model's size) [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_checkpoints: Option<u64>,
+    /// Two-process modes: when a checkpoint cannot be written, `stop` the learner or `retry`
+    /// at the next interval (training goes on) [default: retry].
+    #[arg(long, value_enum)]
+    pub checkpoint_failure: Option<CheckpointFailure>,
     /// Two-process modes: CPU threads of the learner [default: half of the cores].
     #[arg(long, value_name = "N")]
     pub learner_threads: Option<usize>,
@@ -365,13 +399,7 @@ impl TrainArgs {
         validate(&mut f)?;
         let output_dir = match &f.output_dir {
             Some(d) => d.clone(),
-            None => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                PathBuf::from(format!("runs/train-{now}"))
-            }
+            None => crate::rundir::new_run_dir("train"),
         };
         Ok(TrainConfig {
             file: f,
@@ -472,6 +500,10 @@ impl TrainArgs {
         set!(self.micro_batch_tokens => u.micro_batch_tokens);
         set!(self.max_staleness => f.max_staleness);
         set!(self.checkpoint_every => f.checkpoint_every);
+        if let Some(k) = self.keep_checkpoints {
+            f.keep_checkpoints = usize::try_from(k).context("--keep-checkpoints is too large")?;
+        }
+        set!(self.checkpoint_failure => f.checkpoint_failure);
         set!(self.learner_threads => f.learner_threads);
         set!(self.server_threads => f.server_threads);
         set!(self.hang_timeout => f.hang_timeout_s);

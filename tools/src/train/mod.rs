@@ -6,7 +6,9 @@ mod config;
 pub mod plot;
 pub mod procs;
 
-pub use config::{load_config_file, Mode, ModelSource, TrainArgs, TrainConfig, TrainFile};
+pub use config::{
+    load_config_file, CheckpointFailure, Mode, ModelSource, TrainArgs, TrainConfig, TrainFile,
+};
 
 use crate::probe::{Probe, ProbeCheck};
 use crate::step;
@@ -247,7 +249,63 @@ fn train(cfg: &TrainConfig) -> Result<()> {
         save_model(&learner, &tokenizer, &dir)?;
         eprintln!("model:   {}", dir.display());
     }
+    eprintln!("{}", space_line(out));
     Ok(())
+}
+
+/// One line saying where a run directory's disk space goes: its total, the checkpoints (and how
+/// many), the saved model and the rest (logs, metrics).
+pub(crate) fn space_line(out: &Path) -> String {
+    let total = dir_bytes(out);
+    let ckpt_dir = out.join("checkpoints");
+    let checkpoints = dir_bytes(&ckpt_dir);
+    let kept = std::fs::read_dir(&ckpt_dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with("step-") && !name.contains('.')
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    let model = dir_bytes(&out.join("model"));
+    format!(
+        "disk:    {} in {}: checkpoints {} ({kept} kept), model {}, the rest {}",
+        human_bytes(total),
+        out.display(),
+        human_bytes(checkpoints),
+        human_bytes(model),
+        human_bytes(total.saturating_sub(checkpoints + model))
+    )
+}
+
+/// The bytes of the files under `path` (0 when it does not exist; unreadable entries count 0).
+fn dir_bytes(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| dir_bytes(&e.path())).sum())
+        .unwrap_or(0)
+}
+
+/// `1.6 GB`, `515 MB`, `12 kB`, `80 B` (decimal units).
+fn human_bytes(b: u64) -> String {
+    let x = b as f64;
+    if x >= 1e9 {
+        format!("{:.1} GB", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.0} MB", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.0} kB", x / 1e3)
+    } else {
+        format!("{b} B")
+    }
 }
 
 fn create(path: &Path) -> Result<File> {
@@ -300,4 +358,34 @@ pub fn save_model(learner: &Learner, tokenizer: &model::Tokenizer, dir: &Path) -
             .with_context(|| format!("while removing {}", old.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_space_line_splits_checkpoints_model_and_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let step = out.join("checkpoints/step-00000010");
+        std::fs::create_dir_all(&step).unwrap();
+        std::fs::write(step.join("model.safetensors"), vec![0u8; 3_000_000]).unwrap();
+        std::fs::write(out.join("checkpoints/LATEST"), "step-00000010\n").unwrap();
+        std::fs::create_dir_all(out.join("model")).unwrap();
+        std::fs::write(out.join("model/model.safetensors"), vec![0u8; 1_000_000]).unwrap();
+        std::fs::write(out.join("metrics.jsonl"), vec![b'x'; 2_000]).unwrap();
+        assert_eq!(dir_bytes(out), 4_002_014);
+        let line = space_line(out);
+        assert!(
+            line.contains("4 MB in")
+                && line.contains("checkpoints 3 MB (1 kept)")
+                && line.contains("model 1 MB")
+                && line.contains("the rest 2 kB"),
+            "{line}"
+        );
+        assert_eq!(human_bytes(1_600_000_000), "1.6 GB");
+        assert_eq!(human_bytes(999), "999 B");
+    }
 }

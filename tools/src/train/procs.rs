@@ -384,6 +384,7 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
     if matches!(f.mode, Mode::Sync | Mode::Async) {
         eprintln!("checkpoints: {}", out.join("checkpoints").display());
     }
+    eprintln!("{}", super::space_line(out));
     Ok(())
 }
 
