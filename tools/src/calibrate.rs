@@ -116,7 +116,7 @@ pub fn load_profile(
 }
 
 fn is_default_model(path: &Path) -> bool {
-    path == crate::assets::assets_dir().join(crate::assets::DEFAULT_MODEL_FILE)
+    path == protocol::assets::default_model_path()
 }
 
 /// The calibration set: the full model's greedy completions (at most `max_new_tokens` tokens)

@@ -5,7 +5,6 @@
 //! The generator (rollout-server crate) and the update (learner crate) know nothing of how they
 //! are run; the modes (`local`, `sync`, `async`) are wiring, and that wiring lives here.
 
-pub mod assets;
 pub mod bench_behaviors;
 pub mod bench_overlap;
 pub mod bench_ring;
