@@ -8,6 +8,32 @@
 //!
 //! Nothing here knows about models or prompt templates: a [`Problem`] holds the plain question
 //! and the reference answer that the math reward compares against.
+//!
+//! ```
+//! use rollout_server::dataset::{DataCursor, Dataset, DatasetSpec};
+//!
+//! // 20 seeded level-2 arithmetic problems (the command-line form is `arithmetic:2`).
+//! let spec = DatasetSpec::Arithmetic { level: 2, count: 20, seed: 3 };
+//! let dataset = Dataset::open(&spec)?;
+//! assert_eq!(dataset.len(), 20);
+//! assert!(dataset.problems().iter().all(|p| !p.question.is_empty() && !p.answer.is_empty()));
+//!
+//! // Batches of 8 in a seeded order: the first epoch (20 problems) holds no repeat.
+//! let mut cursor = DataCursor::for_dataset(&dataset, 0);
+//! let mut seen: Vec<String> = Vec::new();
+//! for _ in 0..2 {
+//!     seen.extend(cursor.next_batch(&dataset, 8)?.into_iter().map(|p| p.id));
+//! }
+//! // A cursor restored from its saved state continues exactly where this one stands.
+//! let mut resumed = DataCursor::restore(cursor.state())?;
+//! let next = cursor.next_batch(&dataset, 4)?;
+//! assert_eq!(resumed.next_batch(&dataset, 4)?, next);
+//! seen.extend(next.into_iter().map(|p| p.id));
+//! seen.sort();
+//! seen.dedup();
+//! assert_eq!(seen.len(), 20);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod answer;
 mod arithmetic;

@@ -6,8 +6,8 @@
 //! Each thread count runs in a fresh child process (`RAYON_NUM_THREADS` sizes candle's rayon
 //! pool and its GEMM parallelism once per process), which reports one JSON line.
 //!
-//! With `--grpo` the workload is a GRPO batch instead ([`grpo`]): groups of completions of the
-//! default task, trained by the learner's whole update under several layouts.
+//! With `--grpo` the workload is a GRPO batch instead (module `grpo`): groups of completions of
+//! the default task, trained by the learner's whole update under several layouts.
 
 mod grpo;
 
