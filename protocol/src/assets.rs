@@ -11,7 +11,7 @@
 //! // The cache rule, and the paths inside it.
 //! let model = assets::default_model_path();
 //! assert!(model.starts_with(assets::assets_dir()));
-//! assert_eq!(model.file_name().unwrap(), assets::DEFAULT_MODEL_FILE);
+//! assert_eq!(model.file_name(), Some(assets::DEFAULT_MODEL_FILE.as_ref()));
 //! assert_eq!(assets::gsm8k_dir(), assets::assets_dir().join("gsm8k"));
 //! // What can be fetched, by the names the script and `nested-reft fetch` take.
 //! assert_eq!("gsm8k".parse::<Asset>(), Ok(Asset::Gsm8k));
@@ -141,6 +141,15 @@ impl Asset {
             Self::All => "all",
         }
     }
+
+    /// What it is, in words.
+    fn description(self) -> &'static str {
+        match self {
+            Self::Model => "the default model",
+            Self::Gsm8k => "the GSM8K problems",
+            Self::All => "the default assets",
+        }
+    }
 }
 
 impl std::fmt::Display for Asset {
@@ -169,7 +178,7 @@ pub struct UnknownAsset(pub String);
 
 /// An asset that has not been fetched.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{asset} is missing at {path}: run `tools/fetch-assets.sh {asset}` (or `nested-reft fetch {asset}`) first; set NESTED_REFT_ASSETS to use another asset directory", asset = asset.as_str(), path = path.display())]
+#[error("{what} not found at {path}: run `tools/fetch-assets.sh {asset}` (or `nested-reft fetch {asset}`) first; set NESTED_REFT_ASSETS to use another asset directory", what = asset.description(), asset = asset.as_str(), path = path.display())]
 pub struct MissingAsset {
     /// Which asset.
     pub asset: Asset,
@@ -266,7 +275,10 @@ mod tests {
             path: PathBuf::from("/nowhere/gsm8k"),
         };
         let msg = e.to_string();
-        assert!(msg.contains("/nowhere/gsm8k"), "{msg}");
+        assert!(
+            msg.starts_with("the GSM8K problems not found at /nowhere/gsm8k: "),
+            "{msg}"
+        );
         assert!(msg.contains("tools/fetch-assets.sh gsm8k"), "{msg}");
     }
 }
