@@ -212,6 +212,83 @@ impl Learner {
     }
 
     /// One update from complete groups (each the G completions of one prompt).
+    ///
+    /// # Example
+    ///
+    /// One step of the loop on a tiny random model: a nested behavior (layer 1 skipped)
+    /// samples a group of completions, a reward scores them (here: how many tokens are 2),
+    /// and the full-depth target is updated from the records.
+    ///
+    /// ```
+    /// use learner::{Learner, UpdateConfig};
+    /// use model::candle_core::{DType, Device};
+    /// use model::{
+    ///     generate, Architecture, Decoder, GenerationConfig, LayerPlan, ModelConfig, Sampling,
+    ///     Weights,
+    /// };
+    /// use protocol::{FinishReason, Rewards, RolloutRecord, Timings};
+    ///
+    /// let cfg = ModelConfig::tiny(Architecture::Llama, 5, 3);
+    /// let weights = Weights::random(&cfg, 3, DType::F32, &Device::Cpu)?;
+    /// let target = Decoder::new(&cfg, &weights, true)?; // trainable
+    /// let mut learner = Learner::new(target, None, UpdateConfig::default())?;
+    ///
+    /// let prompt = vec![0u32, 1];
+    /// let behavior = LayerPlan::skipping(&[1], 3)?;
+    /// let gen = GenerationConfig {
+    ///     sampling: Sampling::temperature(1.0), // the learner's temperature (1 by default)
+    ///     max_new_tokens: 4,
+    ///     group_size: 4,
+    ///     seed: 1,
+    ///     ..GenerationConfig::default()
+    /// };
+    /// let prompts = [prompt.clone()];
+    /// let out = generate(learner.model(), &prompts, &behavior, &gen, None)?;
+    /// let group: Vec<RolloutRecord> = out
+    ///     .completions
+    ///     .iter()
+    ///     .map(|c| {
+    ///         let reward = c.tokens.iter().filter(|&&t| t == 2).count() as f32;
+    ///         RolloutRecord {
+    ///             prompt_id: 0,
+    ///             group_id: 0,
+    ///             batch_id: 0,
+    ///             policy_version: learner.version(),
+    ///             group_size: 4,
+    ///             group_index: c.sample_index as u32,
+    ///             batch_groups: 1,
+    ///             prompt: prompt.clone(),
+    ///             completion: c.tokens.clone(),
+    ///             logprobs: c.logprobs.clone(),
+    ///             plan: behavior.to_record(),
+    ///             sampling: protocol::Sampling {
+    ///                 temperature: 1.0,
+    ///                 top_p: 1.0,
+    ///                 top_k: 0,
+    ///                 seed: 1,
+    ///             },
+    ///             rewards: Rewards {
+    ///                 components: [reward, 0.0, 0.0, 0.0],
+    ///                 n_components: 1,
+    ///                 total: reward,
+    ///                 failed: false,
+    ///             },
+    ///             finish: FinishReason::Length,
+    ///             timings: Timings::default(),
+    ///         }
+    ///     })
+    ///     .collect();
+    ///
+    /// let before = learner.model().vars()[0].1.as_tensor().copy()?;
+    /// let stats = learner.step(&[group])?;
+    /// assert_eq!(learner.version(), 1); // the new policy version, to publish
+    /// assert_eq!((stats.groups, stats.sequences, stats.tokens), (1, 4, 16));
+    /// assert!(stats.kl_behavior_k3 >= 0.0 && stats.grad_norm > 0.0);
+    /// let after = learner.model().vars()[0].1.as_tensor();
+    /// let moved = (after - before)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    /// assert!(moved > 0.0, "the step changed the weights");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn step(&mut self, groups: &[Vec<RolloutRecord>]) -> Result<StepStats> {
         let batch = prepare_batch(groups, &self.cfg, self.model.config().num_layers)?;
         self.step_prepared(&batch)

@@ -225,12 +225,7 @@ fn a_batch_of_uniform_groups_trains_nothing_in_any_layout() {
 /// padded layout.
 #[test]
 fn the_real_model_gives_the_padded_gradient_in_f32() {
-    let path = rewards::assets_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "the default model is missing at {}: run `tools/fetch-assets.sh model` first",
-        path.display()
-    );
+    let path = protocol::assets::cached_default_model().unwrap_or_else(|e| panic!("{e}"));
     let opts = model::LoadOptions {
         trainable: true,
         ..model::LoadOptions::default()

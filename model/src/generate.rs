@@ -131,6 +131,47 @@ impl DrawSite {
 /// Prompts are left-padded and prefilled once; the cache is then repeated for the G samples,
 /// and finished rows are dropped from the batch as they end. Stop strings need `tokenizer`.
 /// Tokens are drawn where [`DrawSite::for_model`] says.
+///
+/// Each completion carries the behavior log-prob of every token it sampled: scoring the same
+/// tokens with [`completion_logprobs`](crate::completion_logprobs) under the same plan and
+/// temperature gives them back.
+///
+/// ```
+/// use model::candle_core::{DType, Device};
+/// use model::{
+///     completion_logprobs, generate, Architecture, Decoder, GenerationConfig, Kernels,
+///     LayerPlan, ModelConfig, Sampling, ScoreRequest, Weights,
+/// };
+///
+/// let cfg = ModelConfig::tiny(Architecture::Llama, 32, 4);
+/// let decoder = Decoder::new(&cfg, &Weights::random(&cfg, 0, DType::F32, &Device::Cpu)?, false)?;
+/// let behavior = LayerPlan::skipping(&[1], 4)?;
+/// let gen = GenerationConfig {
+///     sampling: Sampling::temperature(0.8),
+///     max_new_tokens: 6,
+///     group_size: 3,
+///     seed: 11,
+///     ..GenerationConfig::default()
+/// };
+/// let prompts = [vec![1u32, 2, 3], vec![4u32]];
+/// let out = generate(&decoder, &prompts, &behavior, &gen, None)?;
+/// assert_eq!(out.completions.len(), 2 * 3); // prompt-major: G completions per prompt
+/// for c in &out.completions {
+///     assert_eq!(c.tokens.len(), 6); // no EOS configured: each runs to max_new_tokens
+///     let scored = completion_logprobs(
+///         &decoder,
+///         &[ScoreRequest { prompt: &prompts[c.prompt_index], completion: &c.tokens }],
+///         &behavior,
+///         0.8,
+///         Kernels::Fused,
+///     )?
+///     .to_vecs()?;
+///     for (recorded, rescored) in c.logprobs.iter().zip(&scored[0]) {
+///         assert!((recorded - rescored).abs() < 1e-4, "{recorded} vs {rescored}");
+///     }
+/// }
+/// # Ok::<(), model::ModelError>(())
+/// ```
 pub fn generate(
     model: &Decoder,
     prompts: &[Vec<u32>],

@@ -46,6 +46,48 @@ impl CompletionLogProbs {
 ///
 /// # Shapes
 /// → values and mask (b, T), T = longest completion.
+///
+/// # Example
+///
+/// Two completions of different lengths on a tiny random model; each value is the log-softmax
+/// of the logits at the position before the token, and the values back-propagate to the
+/// weights of a trainable decoder.
+///
+/// ```
+/// use model::candle_core::{DType, Device, IndexOp, Tensor};
+/// use model::{
+///     completion_logprobs, Architecture, Decoder, ForwardCtx, Kernels, LayerPlan, ModelConfig,
+///     ScoreRequest, Weights,
+/// };
+///
+/// let cfg = ModelConfig::tiny(Architecture::Llama, 32, 3);
+/// let weights = Weights::random(&cfg, 1, DType::F32, &Device::Cpu)?;
+/// let decoder = Decoder::new(&cfg, &weights, true)?;
+/// let plan = LayerPlan::full(3);
+/// let batch = [
+///     ScoreRequest { prompt: &[1, 2], completion: &[7, 3, 9] },
+///     ScoreRequest { prompt: &[5], completion: &[2] },
+/// ];
+/// let lp = completion_logprobs(&decoder, &batch, &plan, 1.0, Kernels::Differentiable)?;
+/// assert_eq!(lp.values.dims(), &[2, 3]); // right-padded to the longest completion
+/// assert_eq!(lp.lengths, vec![3, 1]);
+/// assert_eq!(lp.mask.to_vec2::<f32>()?, vec![vec![1.0, 1.0, 1.0], vec![1.0, 0.0, 0.0]]);
+///
+/// // The first completion token of row 0 against a plain forward pass: log softmax of the
+/// // logits at the last prompt position, at token 7.
+/// let tokens = Tensor::new(&[[1u32, 2, 7, 3, 9]], &Device::Cpu)?;
+/// let logits = decoder.forward(&tokens, &mut ForwardCtx::new(plan.clone()))?;
+/// let row: Vec<f32> = logits.i((0, 1))?.to_vec1()?;
+/// let log_norm = row.iter().map(|&x| f64::from(x).exp()).sum::<f64>().ln();
+/// let expected = f64::from(row[7]) - log_norm;
+/// let got = f64::from(lp.values.i((0, 0))?.to_scalar::<f32>()?);
+/// assert!((got - expected).abs() < 1e-4, "{got} vs {expected}");
+///
+/// // Differentiable: the summed log-probs have a gradient for every parameter.
+/// let grads = lp.values.sum_all()?.backward()?;
+/// assert!(decoder.vars().iter().all(|(_, v)| grads.get(v.as_tensor()).is_some()));
+/// # Ok::<(), model::ModelError>(())
+/// ```
 pub fn completion_logprobs(
     model: &Decoder,
     batch: &[ScoreRequest<'_>],

@@ -16,6 +16,44 @@ use serde::{Deserialize, Serialize};
 /// What a forward pass runs: the ordered decoder layers with at least one block running, and
 /// for those, which block (attention or MLP) is skipped. Always non-empty, strictly increasing
 /// and within `0..num_layers`; a layer with both blocks skipped is simply absent.
+///
+/// The plan travels in the [`ForwardCtx`](crate::ForwardCtx), so one [`Decoder`](crate::Decoder)
+/// serves the full-depth learner and every nested behavior:
+///
+/// ```
+/// use model::candle_core::{DType, Device, Tensor};
+/// use model::{
+///     Architecture, Decoder, ForwardCtx, LayerPlan, ModelConfig, PlanStrategy, Unit, Weights,
+/// };
+/// use rand::SeedableRng;
+///
+/// // Skip layers 2 and 3 whole, and the MLP block of layer 5, of an 8-layer model.
+/// let plan = LayerPlan::skipping_units(&[Unit::Layer(2), Unit::Layer(3), Unit::Mlp(5)], 8)?;
+/// assert_eq!(plan.layers(), &[0, 1, 4, 5, 6, 7]);
+/// assert_eq!(plan.skipped(), vec![2, 3]);
+/// assert!(plan.runs_attn(5) && !plan.runs_mlp(5));
+/// assert_eq!(plan.to_string(), "6/8 layers, skipping 2,3; MLP skipped in 5");
+///
+/// // A nested plan as drawn per batch: 3 random middle layers dropped, first and last kept.
+/// let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+/// let nested = LayerPlan::nested(8, 3, PlanStrategy::Random, &mut rng)?;
+/// assert_eq!(nested.len(), 5);
+/// assert_eq!((nested.layers()[0], nested.layers()[4]), (0, 7));
+///
+/// // A plan is checked against the model: there is no layer 8 to skip.
+/// assert!(LayerPlan::skipping(&[8], 8).is_err());
+///
+/// // One set of (here tiny, random) weights runs either plan.
+/// let cfg = ModelConfig::tiny(Architecture::Llama, 32, 8);
+/// let decoder = Decoder::new(&cfg, &Weights::random(&cfg, 0, DType::F32, &Device::Cpu)?, false)?;
+/// let tokens = Tensor::new(&[[1u32, 5, 9]], &Device::Cpu)?;
+/// let full = decoder.forward(&tokens, &mut ForwardCtx::new(LayerPlan::full(8)))?;
+/// let skipped = decoder.forward(&tokens, &mut ForwardCtx::new(plan))?;
+/// assert_eq!(full.dims(), &[1, 3, 32]); // (batch, positions, vocabulary)
+/// let diff = (full - skipped)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff > 0.0, "skipping layers changes the logits");
+/// # Ok::<(), model::ModelError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "RawPlan", into = "RawPlan")]
 pub struct LayerPlan {

@@ -7,6 +7,8 @@
 //!   [`Manifest`]; `cuda` (feature `cuda`) does the same over CUDA IPC device buffers.
 //! - [`control`]: typed messages and the handshake over `ipc-channel`.
 //! - [`mod@bench`]: the ring and weight-store benchmarks behind `nested-reft bench`.
+//! - [`assets`]: where the fetched model and data are cached (the one rule every process and
+//!   the fetch script share), and fetching them.
 
 mod sync;
 
@@ -30,6 +32,8 @@ mod segment;
 #[cfg(not(loom))]
 mod weights;
 
+#[cfg(not(loom))]
+pub mod assets;
 #[cfg(not(loom))]
 pub mod bench;
 #[cfg(not(loom))]

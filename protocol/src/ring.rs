@@ -180,6 +180,73 @@ pub fn parse_ring_header(
 }
 
 /// Entry points: create (producer), resume (restarted producer), open (consumer).
+///
+/// The rollout server creates the ring and pushes, the learner opens it and pops; here the two
+/// sides are threads of one process, in use they are two processes mapping the same file.
+///
+/// ```
+/// use std::time::Duration;
+/// use protocol::{
+///     Descriptor, FinishReason, Limits, OpenError, PopError, PushError, Rewards,
+///     RolloutRecord, RolloutRing, Sampling, Timings,
+/// };
+///
+/// let dir = tempfile::tempdir()?;
+/// // Both sides must agree on the layout: 2 slots, and the largest record each holds.
+/// let desc = Descriptor {
+///     capacity: 2,
+///     limits: Limits { max_prompt_tokens: 16, max_completion_tokens: 16, max_plan_layers: 8 },
+/// };
+/// let record = |i: u64| RolloutRecord {
+///     prompt_id: i,
+///     group_id: i,
+///     batch_id: 0,
+///     policy_version: 0,
+///     group_size: 1,
+///     group_index: 0,
+///     batch_groups: 1,
+///     prompt: vec![1, 2, 3],
+///     completion: vec![7, 8],
+///     logprobs: vec![-0.5, -1.25],
+///     plan: vec![0, 2, 3],
+///     sampling: Sampling { temperature: 0.7, top_p: 1.0, top_k: 0, seed: i },
+///     rewards: Rewards {
+///         components: [1.0, 0.0, 0.0, 0.0],
+///         n_components: 1,
+///         total: 1.0,
+///         failed: false,
+///     },
+///     finish: FinishReason::Eos,
+///     timings: Timings::default(),
+/// };
+///
+/// let mut producer = RolloutRing::create(dir.path(), "rollouts", desc)?;
+/// let mut consumer = RolloutRing::open(dir.path(), "rollouts", desc)?;
+/// // A second consumer is refused: each role has one holder.
+/// let second = RolloutRing::open(dir.path(), "rollouts", desc);
+/// assert!(matches!(second, Err(OpenError::RoleTaken { role: "consumer", .. })));
+///
+/// // Backpressure: a full ring refuses a push and never overwrites.
+/// producer.try_push(&record(0).as_view())?;
+/// producer.try_push(&record(1).as_view())?;
+/// let refused = producer.try_push(&record(2).as_view());
+/// assert!(matches!(refused, Err(PushError::Full { capacity: 2 })));
+///
+/// // The producer keeps pushing from its own thread, waiting for space as the consumer pops.
+/// let pushing = std::thread::spawn(move || -> Result<(), PushError> {
+///     for i in 2..10 {
+///         producer.push(&record(i).as_view(), Duration::from_secs(10))?;
+///     }
+///     Ok(())
+/// });
+/// for i in 0..10 {
+///     // Records arrive in order and intact (each slot is checked with its CRC32C).
+///     assert_eq!(consumer.pop(Duration::from_secs(10))?, record(i));
+/// }
+/// pushing.join().map_err(|_| "the producer thread panicked")??;
+/// assert!(matches!(consumer.try_pop(), Err(PopError::Empty)));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct RolloutRing;
 

@@ -1,6 +1,7 @@
 //! Loom model of the ring's index and commit protocol (`protocol::ring_core`).
 //!
-//! Run: `RUSTFLAGS="--cfg loom" cargo test -p protocol --release --test loom`.
+//! Run: `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p protocol --release --test loom`
+//! (as .ci/run does: its own target directory keeps the main build).
 //! The payload lives in loom `UnsafeCell`s, so a missing happens-before edge between the
 //! producer's payload write and the consumer's read (or the consumer's read and the producer's
 //! overwrite after wrap-around) is reported as a causality violation.

@@ -21,7 +21,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(20);
-    let problems = match rewards::gsm8k::load_default() {
+    let problems = match corpus::load_gsm8k() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("bench_math: {e}");

@@ -10,14 +10,12 @@
 //! * [`RewardSpec`]: the serde-tagged config that builds any of these; [`ReloadableReward`]
 //!   rebuilds it from its file on SIGHUP.
 //! * [`score_jsonl`]: score a JSON Lines file (the `nested-reft score` command).
-//! * [`assets_dir`]: where the fetched model and data are cached (the one rule all crates use).
 
 pub mod abi;
 mod compose;
 mod dylib;
 mod error;
 mod external;
-pub mod gsm8k;
 mod jsonl;
 mod math;
 pub mod protocol;
@@ -30,7 +28,6 @@ pub use compose::{Gate, WeightedSum};
 pub use dylib::{DylibConfig, DylibReward};
 pub use error::{DylibError, Result, RewardError, ScoreIoError, SpecError};
 pub use external::{ExternalConfig, ExternalReward, ModuleStats};
-pub use gsm8k::assets_dir;
 pub use jsonl::{score_jsonl, ScoreSummary};
 pub use math::{Extraction, MathConfig, MathReward};
 pub use protocol::serve_module;

@@ -80,6 +80,38 @@ impl Score {
 /// default (one call per sample); rewards that talk to a process override it to send one
 /// request per batch. Any closure `Fn(&Sample) -> Result<Score>` is a reward, so tests can pass
 /// a closure where a config would name a module.
+///
+/// ```
+/// use rewards::{MathReward, Reward, RewardError, RewardSpec, Sample, Score};
+///
+/// // The built-in verifier: the completion's final answer against the reference.
+/// let math = MathReward::default();
+/// let right = math.score(&Sample::new("6 * 7 = 42, so the answer is \\boxed{42}.", "42"))?;
+/// assert_eq!(right.value, 1.0);
+/// assert_eq!(right.extracted.as_deref(), Some("42"));
+/// assert_eq!(right.matched_by.as_deref(), Some("boxed"));
+/// assert_eq!(math.score(&Sample::new("The answer is 41.", "42"))?.value, 0.0);
+///
+/// // Any closure is a reward; a non-finite score is an error, never a silent value.
+/// let short = |s: &Sample| Ok(Score::new(if s.completion.len() <= 10 { 1.0 } else { 0.0 }));
+/// assert_eq!(short.score(&Sample::new("42", "42"))?.value, 1.0);
+/// let broken = |_: &Sample| Ok(Score::new(f64::NAN));
+/// let e = broken.score(&Sample::new("42", "42"));
+/// assert!(matches!(e, Err(RewardError::NonFiniteScore(_))));
+///
+/// // From a config: the verifier, counted only when the answer is boxed.
+/// let spec = RewardSpec::from_arg(
+///     r#"{"kind": "gate", "gate": {"kind": "format", "require": "boxed"}, "reward": {"kind": "math"}}"#,
+/// )?;
+/// let gated = spec.build()?;
+/// let scores = gated.score_batch(&[
+///     Sample::new("\\boxed{42}", "42"),
+///     Sample::new("The answer is 42.", "42"),
+/// ]);
+/// let values: Vec<f64> = scores.into_iter().map(|s| s.map(|s| s.value)).collect::<Result<_, _>>()?;
+/// assert_eq!(values, [1.0, 0.0]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait Reward: Send + Sync {
     /// Scores one sample. An `Err` marks the sample as failed (never a silent 0).
     fn score(&self, sample: &Sample) -> Result<Score>;

@@ -69,15 +69,3 @@ fn tail(s: &str) -> &str {
     }
     &s[i..]
 }
-
-#[test]
-fn missing_assets_say_how_to_fetch_them() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for d in [dir.path().join("absent"), dir.path().to_path_buf()] {
-        let e = rewards::gsm8k::load_dir(&d).expect_err("no problems");
-        assert!(e.to_string().contains("tools/fetch-assets.sh gsm8k"), "{e}");
-    }
-    std::fs::write(dir.path().join("0000.toml"), "question = 1").expect("write");
-    let e = rewards::gsm8k::load_dir(dir.path()).expect_err("not a problem");
-    assert!(e.to_string().contains("0000.toml"), "{e}");
-}

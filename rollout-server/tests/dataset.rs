@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rewards::{MathConfig, MathReward, Reward, Sample};
 use rollout_server::dataset::{
-    CursorState, DataCursor, Dataset, DatasetError, DatasetSpec, Problem, SkipReason,
+    CursorState, DataCursor, Dataset, DatasetError, DatasetSpec, Gsm8kError, Problem, SkipReason,
     MAX_ARITHMETIC_LEVEL,
 };
 
@@ -73,17 +73,22 @@ fn the_real_gsm8k_problems_load_and_their_solutions_score_one() {
     let ids: HashSet<&str> = ds.problems().iter().map(|p| p.id.as_str()).collect();
     assert_eq!(ids.len(), 100, "ids are unique");
     assert!(ids.contains("gsm8k-0000") && ids.contains("gsm8k-0099"));
-    let raw = rewards::gsm8k::load_default().unwrap();
     let reward = math();
-    for (p, r) in ds.problems().iter().zip(&raw) {
+    let dir = protocol::assets::gsm8k_dir();
+    for p in ds.problems() {
+        // Each problem against its file as written.
+        let file = dir.join(format!("{}.toml", &p.id["gsm8k-".len()..]));
+        let raw: toml::Table = toml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let question = raw["question"].as_str().unwrap();
+        let solution = raw["answer"].as_str().unwrap();
+        let final_answer = solution[solution.rfind("####").unwrap() + 4..].trim();
         assert!(!p.answer.is_empty() && !p.question.is_empty(), "{}", p.id);
-        assert_eq!(p.question, r.question.trim());
+        assert_eq!(p.question, question.trim());
         assert!(
-            reward.answers_match(&p.answer, r.final_answer().unwrap()),
-            "{}: {} vs {:?}",
+            reward.answers_match(&p.answer, final_answer),
+            "{}: {} vs {final_answer:?}",
             p.id,
             p.answer,
-            r.final_answer()
         );
         let solution = p.solution.as_deref().expect("GSM8K has worked solutions");
         assert_eq!(score(&reward, solution, &p.answer), 1.0, "{}", p.id);
@@ -91,6 +96,47 @@ fn the_real_gsm8k_problems_load_and_their_solutions_score_one() {
         let wrong = format!("#### {}", p.answer.parse::<f64>().unwrap() + 1.0);
         assert_eq!(score(&reward, &wrong, &p.answer), 0.0, "{}", p.id);
     }
+}
+
+#[test]
+fn missing_gsm8k_problems_say_how_to_fetch_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |d: &Path| {
+        Dataset::open(&DatasetSpec::Gsm8k {
+            dir: Some(d.to_path_buf()),
+        })
+    };
+    for d in [dir.path().join("absent"), dir.path().to_path_buf()] {
+        let e = open(&d).expect_err("no problems");
+        assert!(
+            matches!(&e, DatasetError::Gsm8k(Gsm8kError::Missing(m)) if *m == d),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("tools/fetch-assets.sh gsm8k"), "{e}");
+    }
+    std::fs::write(dir.path().join("0000.toml"), "question = 1").unwrap();
+    let e = open(dir.path()).expect_err("not a problem");
+    assert!(
+        matches!(&e, DatasetError::Gsm8k(Gsm8kError::Parse { path, .. }) if path.ends_with("0000.toml")),
+        "{e:?}"
+    );
+    // A problem without a final answer is skipped, the others load.
+    std::fs::write(
+        dir.path().join("0000.toml"),
+        "question = \"1 + 1?\"\nanswer = \"1 + 1 = 2\\n#### 2\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("0001.toml"),
+        "question = \"2 + 2?\"\nanswer = \"2 + 2 =\\n####\"\n",
+    )
+    .unwrap();
+    let ds = open(dir.path()).unwrap();
+    assert_eq!(ds.problems()[0].id, "gsm8k-0000");
+    assert_eq!(ds.problems()[0].answer, "2");
+    assert_eq!(ds.stats().skipped.len(), 1);
+    assert_eq!(ds.stats().skipped[0].reason, SkipReason::NoFinalAnswer);
+    assert_eq!(ds.stats().skipped[0].line, 2);
 }
 
 #[test]

@@ -35,13 +35,7 @@ fn gpu() -> Option<Device> {
 }
 
 fn smollm_path() -> PathBuf {
-    let p = rewards::assets_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing (tools/fetch-assets.sh model)",
-        p.display()
-    );
-    p
+    protocol::assets::cached_default_model().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn smollm() -> &'static LoadedModel {

@@ -23,7 +23,7 @@ use model::{
     Sampling, Tokenizer,
 };
 use rewards::{Reward, Sample};
-use rollout_server::dataset::{Dataset, DatasetError, DatasetSpec, Problem};
+use rollout_server::dataset::{Dataset, DatasetError, DatasetSpec, Gsm8kError, Problem};
 use rollout_server::GeneratorConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -458,7 +458,7 @@ impl EvalSet {
             Some(d) => format!("gsm8k:{}", d.display()),
         };
         let dataset = Dataset::open(&DatasetSpec::Gsm8k { dir }).map_err(|e| match e {
-            DatasetError::Gsm8k(rewards::gsm8k::Gsm8kError::Missing(d)) => anyhow::anyhow!(
+            DatasetError::Gsm8k(Gsm8kError::Missing(d)) => anyhow::anyhow!(
                 "no GSM8K problems in {}: fetch them with `nested-reft fetch gsm8k` (or leave \
                  them out, e.g. `--dataset arithmetic`)",
                 d.display()

@@ -5,7 +5,10 @@
 //! The generator (rollout-server crate) and the update (learner crate) know nothing of how they
 //! are run; the modes (`local`, `sync`, `async`) are wiring, and that wiring lives here.
 
-pub mod assets;
+// The doc comments of the clap argument structs are also their `--help` text, written for a
+// terminal: a `[default: …]` there is not a link, nor `<time>` an HTML tag.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 pub mod bench_behaviors;
 pub mod bench_overlap;
 pub mod bench_ring;

@@ -3,8 +3,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tools::{
-    assets, bench_behaviors, bench_overlap, bench_ring, bench_rollout, bench_train, calibrate,
-    eval, lm, score, train,
+    bench_behaviors, bench_overlap, bench_ring, bench_rollout, bench_train, calibrate, eval, lm,
+    score, train,
 };
 
 /// Reinforced fine-tuning with nested (layer-skipping) behavior models.
@@ -109,6 +109,6 @@ fn main() -> Result<()> {
         Command::Bench(Bench::RingPeer(args)) => bench_ring::run_ring_peer(&args),
         Command::Bench(Bench::Train(args)) => bench_train::run(&args),
         Command::Bench(Bench::TrainChild(args)) => bench_train::run_child(&args),
-        Command::Fetch { what } => assets::fetch(&what),
+        Command::Fetch { what } => Ok(protocol::assets::fetch(what.parse()?)?),
     }
 }

@@ -48,7 +48,7 @@ impl ModelArgs {
     pub fn path(&self) -> Result<PathBuf> {
         match &self.model {
             Some(p) => Ok(p.clone()),
-            None => crate::assets::default_model(),
+            None => Ok(protocol::assets::default_model()?),
         }
     }
 
@@ -57,7 +57,7 @@ impl ModelArgs {
     pub fn existing_path(&self) -> Result<PathBuf> {
         let path = match &self.model {
             Some(p) => p.clone(),
-            None => crate::assets::assets_dir().join(crate::assets::DEFAULT_MODEL_FILE),
+            None => protocol::assets::default_model_path(),
         };
         if !path.exists() {
             bail!(

@@ -89,5 +89,5 @@ pub fn load_profile(
 }
 
 fn is_default_model(path: &Path) -> bool {
-    path == crate::assets::assets_dir().join(crate::assets::DEFAULT_MODEL_FILE)
+    path == protocol::assets::default_model_path()
 }

@@ -207,7 +207,7 @@ fn the_prompt_is_the_training_prompt() {
     use model::candle_core::quantized::gguf_file;
     use rollout_server::dataset::{Dataset, Problem};
 
-    let path = tools::assets::assets_dir().join(tools::assets::DEFAULT_MODEL_FILE);
+    let path = protocol::assets::default_model_path();
     let mut file = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
     let tokenizer =
         model::Tokenizer::from_gguf(&gguf_file::Content::read(&mut file).unwrap()).unwrap();
@@ -276,7 +276,7 @@ fn write_checkpoint(
 fn a_checkpoint_is_loaded_into_the_model() {
     let dir = tempfile::tempdir().unwrap();
     let base = model::load_model(
-        &tools::assets::assets_dir().join(tools::assets::DEFAULT_MODEL_FILE),
+        &protocol::assets::default_model_path(),
         &model::LoadOptions::default(),
     )
     .unwrap();

@@ -534,7 +534,7 @@ fn startup_errors_are_one_clear_message_before_ready() {
     // A complete model directory but for its tokenizer.
     let no_tok = d.join("no-tokenizer");
     let m = model::load_model(
-        &rewards::assets_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &protocol::assets::default_model_path(),
         &model::LoadOptions::default(),
     )
     .unwrap();
@@ -608,7 +608,7 @@ fn a_model_mismatch_is_refused_at_the_handshake_naming_both() {
     // The same weights under a different configuration: another model hash.
     let other = d.join("other-model");
     let m = model::load_model(
-        &rewards::assets_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &protocol::assets::default_model_path(),
         &model::LoadOptions::default(),
     )
     .unwrap();

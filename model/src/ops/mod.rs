@@ -606,7 +606,7 @@ impl CustomOp2 for HeadOp {
     }
 }
 
-/// log π(target_i) = log softmax(hidden_i · Wᵀ / T)[target_i] for every row, as one graph node
+/// log π(target_i) = log softmax(hidden_i · Wᵀ / T)\[target_i\] for every row, as one graph node
 /// whose memory stays O(chunk × vocab): neither pass holds the whole (n × vocab) logits.
 ///
 /// # Shapes

@@ -6,21 +6,9 @@ use model::{load_model, LoadOptions, LoadedModel};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-/// The asset cache: `$NESTED_REFT_ASSETS`, else `$XDG_CACHE_HOME/nested-reft`, else
-/// `~/.cache/nested-reft` (the one rule, [`rewards::assets_dir`]).
-pub fn assets_dir() -> PathBuf {
-    rewards::assets_dir()
-}
-
 /// Path of the default GGUF; fails with instructions when it has not been fetched.
 pub fn smollm_path() -> PathBuf {
-    let p = assets_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run `tools/fetch-assets.sh model` first",
-        p.display()
-    );
-    p
+    protocol::assets::cached_default_model().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// SmolLM2 loaded once (f32, CPU, not trainable).

@@ -2,8 +2,53 @@
 //! the forms models write (boxed, "the answer is", units, thousands separators, wrong answers,
 //! no answer). Shared by the tests and the `bench_math` example.
 
-use rewards::gsm8k::Problem;
 use rewards::Sample;
+
+/// One GSM8K problem file as written: the question and its worked solution ending in `#### N`.
+/// (The datasets load these for training; the scoring tests only need the texts.)
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Problem {
+    pub question: String,
+    pub answer: String,
+}
+
+impl Problem {
+    /// The final answer (the text after `####`), if the solution has one.
+    pub fn final_answer(&self) -> Option<&str> {
+        let pos = self.answer.rfind("####")?;
+        let a = self.answer[pos + 4..].trim();
+        (!a.is_empty()).then_some(a)
+    }
+}
+
+/// The GSM8K problems of the asset cache (`protocol::assets::gsm8k_dir`), in file-name order.
+pub fn load_gsm8k() -> Result<Vec<Problem>, String> {
+    let dir = protocol::assets::gsm8k_dir();
+    let missing = || {
+        protocol::assets::MissingAsset {
+            asset: protocol::assets::Asset::Gsm8k,
+            path: dir.clone(),
+        }
+        .to_string()
+    };
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .map_err(|_| missing())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    if paths.is_empty() {
+        return Err(missing());
+    }
+    paths.sort();
+    paths
+        .iter()
+        .map(|path| {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .collect()
+}
 
 /// A tiny deterministic generator (64-bit LCG), so the corpus needs no RNG crate.
 pub struct Lcg(u64);

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use rewards::gsm8k::Problem;
+use corpus::Problem;
 
 /// The 100 GSM8K problems; fails with instructions when the assets are missing.
 pub fn gsm8k() -> Vec<Problem> {
-    let problems = rewards::gsm8k::load_default().unwrap_or_else(|e| panic!("{e}"));
+    let problems = corpus::load_gsm8k().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         problems.len(),
         100,

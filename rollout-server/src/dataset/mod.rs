@@ -8,18 +8,46 @@
 //!
 //! Nothing here knows about models or prompt templates: a [`Problem`] holds the plain question
 //! and the reference answer that the math reward compares against.
+//!
+//! ```
+//! use rollout_server::dataset::{DataCursor, Dataset, DatasetSpec};
+//!
+//! // 20 seeded level-2 arithmetic problems (the command-line form is `arithmetic:2`).
+//! let spec = DatasetSpec::Arithmetic { level: 2, count: 20, seed: 3 };
+//! let dataset = Dataset::open(&spec)?;
+//! assert_eq!(dataset.len(), 20);
+//! assert!(dataset.problems().iter().all(|p| !p.question.is_empty() && !p.answer.is_empty()));
+//!
+//! // Batches of 8 in a seeded order: the first epoch (20 problems) holds no repeat.
+//! let mut cursor = DataCursor::for_dataset(&dataset, 0);
+//! let mut seen: Vec<String> = Vec::new();
+//! for _ in 0..2 {
+//!     seen.extend(cursor.next_batch(&dataset, 8)?.into_iter().map(|p| p.id));
+//! }
+//! // A cursor restored from its saved state continues exactly where this one stands.
+//! let mut resumed = DataCursor::restore(cursor.state())?;
+//! let next = cursor.next_batch(&dataset, 4)?;
+//! assert_eq!(resumed.next_batch(&dataset, 4)?, next);
+//! seen.extend(next.into_iter().map(|p| p.id));
+//! seen.sort();
+//! seen.dedup();
+//! assert_eq!(seen.len(), 20);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod answer;
 mod arithmetic;
 mod cursor;
+mod gsm8k;
 mod jsonl;
 mod spec;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 pub use cursor::{CursorError, CursorState, DataCursor};
+pub use gsm8k::Gsm8kError;
 pub use spec::{DatasetSpec, ParseSpecError, MAX_ARITHMETIC_LEVEL};
 
 /// One problem: a question and its reference answer.
@@ -143,7 +171,7 @@ pub enum DatasetError {
     },
     /// The GSM8K problems could not be loaded.
     #[error(transparent)]
-    Gsm8k(#[from] rewards::gsm8k::Gsm8kError),
+    Gsm8k(#[from] Gsm8kError),
     /// No problem was left after skipping bad records.
     #[error("dataset {origin} has no usable problems ({skipped} records skipped)")]
     Empty {
@@ -177,10 +205,8 @@ impl Dataset {
                 Self::with_stats(problems, skipped, &path.display().to_string())
             }
             DatasetSpec::Gsm8k { dir } => {
-                let dir = dir
-                    .clone()
-                    .unwrap_or_else(|| rewards::gsm8k::assets_dir().join("gsm8k"));
-                let (problems, skipped) = load_gsm8k(&dir)?;
+                let dir = dir.clone().unwrap_or_else(protocol::assets::gsm8k_dir);
+                let (problems, skipped) = gsm8k::load(&dir)?;
                 Self::with_stats(problems, skipped, &dir.display().to_string())
             }
             DatasetSpec::Arithmetic { level, count, seed } => {
@@ -242,50 +268,4 @@ impl Dataset {
     pub fn into_problems(self) -> Vec<Problem> {
         self.problems
     }
-}
-
-/// The GSM8K problems of `dir`, named after their files (`gsm8k-0042` for `0042.toml`).
-fn load_gsm8k(dir: &Path) -> Result<(Vec<Problem>, Vec<Skipped>), DatasetError> {
-    let raw = rewards::gsm8k::load_dir(dir)?;
-    // The same files, in the same order, as `load_dir` reads them.
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-                .collect()
-        })
-        .unwrap_or_default();
-    paths.sort();
-    let mut names: Vec<String> = paths
-        .iter()
-        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-        .collect();
-    if names.len() != raw.len() {
-        names = (0..raw.len()).map(|i| format!("{i:04}")).collect();
-    }
-    let mut problems = Vec::with_capacity(raw.len());
-    let mut skipped = Vec::new();
-    for (i, (p, name)) in raw.into_iter().zip(names).enumerate() {
-        let question = p.question.trim();
-        let parsed = if question.is_empty() {
-            Err(SkipReason::EmptyQuestion)
-        } else {
-            answer::split_answer(&p.answer)
-        };
-        match parsed {
-            Ok((answer, solution)) => problems.push(Problem {
-                id: format!("gsm8k-{name}"),
-                question: question.to_string(),
-                answer,
-                solution,
-            }),
-            Err(reason) => skipped.push(Skipped {
-                path: dir.join(format!("{name}.toml")),
-                line: i + 1,
-                reason,
-            }),
-        }
-    }
-    Ok((problems, skipped))
 }

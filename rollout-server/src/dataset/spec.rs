@@ -52,7 +52,7 @@ pub enum DatasetSpec {
     /// `gsm8k-<file stem>`.
     Gsm8k {
         /// The directory of `*.toml` problems (default `<assets>/gsm8k`, see
-        /// [`rewards::gsm8k::assets_dir`]).
+        /// [`protocol::assets::gsm8k_dir`]).
         #[serde(default)]
         dir: Option<PathBuf>,
     },

@@ -84,7 +84,7 @@ const BEHAVIOR_FORMS: &str = "full, random:R, contiguous:R, calibrated:R or laye
 impl FromStr for Behavior {
     type Err = anyhow::Error;
 
-    /// `PLAN[@FORMAT]`; see [`BEHAVIOR_FORMS`].
+    /// `PLAN[@FORMAT]`; the forms are listed in `BEHAVIOR_FORMS`.
     fn from_str(s: &str) -> Result<Self> {
         let s = s.trim();
         let (plan_text, format) = match s.rsplit_once('@') {

@@ -6,8 +6,8 @@
 //! Each thread count runs in a fresh child process (`RAYON_NUM_THREADS` sizes candle's rayon
 //! pool and its GEMM parallelism once per process), which reports one JSON line.
 //!
-//! With `--grpo` the workload is a GRPO batch instead ([`grpo`]): groups of completions of the
-//! default task, trained by the learner's whole update under several layouts.
+//! With `--grpo` the workload is a GRPO batch instead (module `grpo`): groups of completions of
+//! the default task, trained by the learner's whole update under several layouts.
 
 mod grpo;
 
@@ -245,7 +245,7 @@ fn model_label(s: &TrainShape) -> String {
     match (&s.model, s.random_model) {
         (_, true) => "random tiny llama".into(),
         (Some(p), _) => p.display().to_string(),
-        (None, false) => crate::assets::DEFAULT_MODEL_FILE.into(),
+        (None, false) => protocol::assets::DEFAULT_MODEL_FILE.into(),
     }
 }
 
@@ -391,7 +391,7 @@ fn load(s: &TrainShape) -> Result<Decoder> {
     }
     let path = match &s.model {
         Some(p) => p.clone(),
-        None => crate::assets::default_model()?,
+        None => protocol::assets::default_model()?,
     };
     let opts = LoadOptions {
         trainable: true,

@@ -68,7 +68,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Mode::Sync | Mode::Async => {
             // The services never fetch: make sure the default model is there first.
             if cfg.file.model.is_none() {
-                crate::assets::default_model()?;
+                protocol::assets::default_model()?;
             }
             procs::run(
                 &cfg,

@@ -371,7 +371,7 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
             .as_ref()
             .and_then(|p| p.file_name())
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| crate::assets::DEFAULT_MODEL_FILE.into()),
+            .unwrap_or_else(|| protocol::assets::DEFAULT_MODEL_FILE.into()),
         f.mode,
         f.update.correction
     );
