@@ -306,28 +306,8 @@ fn sync_mode_gives_the_weights_of_local_mode() {
     let mut models = Vec::new();
     for mode in ["local", "sync"] {
         let out = dir.path().join(mode);
-        let o = Command::new(CLI)
-            .args(["train", "--mode", mode, "--steps", "2", "--seed", "11"])
-            .args([
-                "--prompts-per-batch",
-                "4",
-                "-g",
-                "4",
-                "--max-new-tokens",
-                "32",
-            ])
-            .args([
-                "--temperature",
-                "0.7",
-                "--lr",
-                "1e-4",
-                "--checkpoint-every",
-                "0",
-            ])
-            .args(["--learner-threads", "1", "--server-threads", "1"])
-            .arg("--output-dir")
-            .arg(&out)
-            // One thread everywhere: the local run's matmuls then sum in the same order.
+        // One thread everywhere: the local run's matmuls then sum in the same order.
+        let o = train_cmd(&out, mode, "2", "11", ("4", "4", "32"), SMALL_STEPS)
             .env("RAYON_NUM_THREADS", "1")
             .output()
             .unwrap();
@@ -398,28 +378,8 @@ fn the_8bit_behavior_follows_the_learners_weights_in_local_and_sync_modes() {
     let dir = tempfile::tempdir().unwrap();
     for mode in ["local", "sync"] {
         let out = dir.path().join(mode);
-        let o = Command::new(CLI)
-            .args(["train", "--mode", mode, "--steps", "3", "--seed", "11"])
-            .args([
-                "--prompts-per-batch",
-                "4",
-                "-g",
-                "4",
-                "--max-new-tokens",
-                "32",
-            ])
-            .args([
-                "--temperature",
-                "0.7",
-                "--lr",
-                "1e-4",
-                "--checkpoint-every",
-                "0",
-            ])
+        let o = train_cmd(&out, mode, "3", "11", ("4", "4", "32"), SMALL_STEPS)
             .args(["--behavior-weights", "q8_0"])
-            .args(["--learner-threads", "1", "--server-threads", "1"])
-            .arg("--output-dir")
-            .arg(&out)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr);
@@ -684,31 +644,16 @@ fn newest_checkpoint_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn a_resumed_sync_run_equals_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
     let train = |out: &Path, extra: &[&str]| {
-        let mut cmd = Command::new(CLI);
-        cmd.args(["train", "--mode", "sync", "--steps", "4", "--seed", "5"])
-            .args([
-                "--prompts-per-batch",
-                "2",
-                "-g",
-                "2",
-                "--max-new-tokens",
-                "16",
-            ])
-            .args([
-                "--temperature",
-                "1.0",
-                "--lr",
-                "1e-4",
-                "--checkpoint-every",
-                "2",
-            ])
-            .args(["--learner-threads", "1", "--server-threads", "1"])
-            .arg("--output-dir")
-            .arg(out)
-            .args(extra)
-            .env("RAYON_NUM_THREADS", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut cmd = train_cmd(out, "sync", "4", "5", ("2", "2", "16"), extra);
+        cmd.args([
+            "--temperature",
+            "1.0",
+            "--lr",
+            "1e-4",
+            "--checkpoint-every",
+            "2",
+        ])
+        .env("RAYON_NUM_THREADS", "1");
         cmd
     };
     let whole = dir.path().join("whole");
@@ -778,22 +723,40 @@ fn a_resumed_sync_run_equals_an_uninterrupted_one() {
 
 /// `nested-reft train` on the tiny batches, with `extra` flags.
 fn tiny_train(out: &Path, mode: &str, steps: &str, extra: &[&str]) -> Command {
+    let mut cmd = train_cmd(out, mode, steps, "5", ("2", "2", "8"), extra);
+    cmd.args(["--temperature", "1.0", "--checkpoint-every", "0"])
+        .env("RAYON_NUM_THREADS", "1");
+    cmd
+}
+
+/// The update of the runs that compare weights or probes: steps that move the weights.
+const SMALL_STEPS: &[&str] = &[
+    "--temperature",
+    "0.7",
+    "--lr",
+    "1e-4",
+    "--checkpoint-every",
+    "0",
+];
+
+/// `nested-reft train` into `out`: `mode`, `steps`, `seed`, the batch (prompts, completions
+/// per prompt, new tokens), one thread for each process, `extra` flags; stderr piped.
+fn train_cmd(
+    out: &Path,
+    mode: &str,
+    steps: &str,
+    seed: &str,
+    (prompts, group, tokens): (&str, &str, &str),
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(CLI);
-    cmd.args(["train", "--mode", mode, "--steps", steps, "--seed", "5"])
-        .args([
-            "--prompts-per-batch",
-            "2",
-            "-g",
-            "2",
-            "--max-new-tokens",
-            "8",
-        ])
-        .args(["--temperature", "1.0", "--checkpoint-every", "0"])
+    cmd.args(["train", "--mode", mode, "--steps", steps, "--seed", seed])
+        .args(["--prompts-per-batch", prompts, "-g", group])
+        .args(["--max-new-tokens", tokens])
         .args(["--learner-threads", "1", "--server-threads", "1"])
         .arg("--output-dir")
         .arg(out)
         .args(extra)
-        .env("RAYON_NUM_THREADS", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     cmd

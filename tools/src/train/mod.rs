@@ -153,23 +153,7 @@ fn train(cfg: &TrainConfig) -> Result<()> {
             learner.version(),
         )?;
         let probes = match &behavior {
-            Some(b) => {
-                let check = ProbeCheck::compare(
-                    learner.version(),
-                    &probe.score_as_behavior(learner.model(), format)?,
-                    &probe.score(b)?,
-                );
-                if !check.matches() {
-                    bar.suspend(|| {
-                        eprintln!(
-                            "warning: the behavior does not match the learner's weights of \
-                             version {}: its probe log-probs differ by {:.3e}",
-                            check.version, check.max_abs_diff
-                        )
-                    });
-                }
-                vec![check]
-            }
+            Some(b) => vec![check_behavior(&probe, &learner, b, format, &bar)?],
             None => Vec::new(),
         };
         drop(behavior);
@@ -200,19 +184,7 @@ fn train(cfg: &TrainConfig) -> Result<()> {
         metrics.flush()?;
         samples.write(step + 1, batch.batch_id, &batch.groups, &tokenizer)?;
         curve.push((step, stats.reward_mean, stats.accuracy));
-        let msg = format!(
-            "reward {:.3} acc {:.2} | gen {:.0} tok/s, learn {:.0} tok/s | KL(μ‖π) {:.3}{}",
-            stats.reward_mean,
-            stats.accuracy,
-            batch.stats.behavior_tokens_per_s,
-            stats.learner_tokens_per_s,
-            stats.kl_behavior_k3,
-            stats
-                .skipped
-                .as_deref()
-                .map(|s| format!(" | skipped: {s}"))
-                .unwrap_or_default()
-        );
+        let msg = step_message(&stats, &batch.stats);
         if tty {
             bar.set_message(msg);
         } else {
@@ -251,6 +223,52 @@ fn train(cfg: &TrainConfig) -> Result<()> {
     }
     eprintln!("{}", space_line(out));
     Ok(())
+}
+
+/// Local mode's proof that an 8-bit behavior follows the learner: the probe scored with the
+/// behavior against the learner's weights re-quantized afresh (a warning when they differ).
+fn check_behavior(
+    probe: &Probe,
+    learner: &Learner,
+    behavior: &model::Decoder,
+    format: model::WeightFormat,
+    bar: &ProgressBar,
+) -> Result<ProbeCheck> {
+    let check = ProbeCheck::compare(
+        learner.version(),
+        &probe.score_as_behavior(learner.model(), format)?,
+        &probe.score(behavior)?,
+    );
+    if !check.matches() {
+        bar.suspend(|| {
+            eprintln!(
+                "warning: the behavior does not match the learner's weights of version {}: its \
+                 probe log-probs differ by {:.3e}",
+                check.version, check.max_abs_diff
+            )
+        });
+    }
+    Ok(check)
+}
+
+/// The progress line of one local step.
+fn step_message(
+    stats: &learner::StepStats,
+    generation: &rollout_server::GenerationStats,
+) -> String {
+    format!(
+        "reward {:.3} acc {:.2} | gen {:.0} tok/s, learn {:.0} tok/s | KL(μ‖π) {:.3}{}",
+        stats.reward_mean,
+        stats.accuracy,
+        generation.behavior_tokens_per_s,
+        stats.learner_tokens_per_s,
+        stats.kl_behavior_k3,
+        stats
+            .skipped
+            .as_deref()
+            .map(|s| format!(" | skipped: {s}"))
+            .unwrap_or_default()
+    )
 }
 
 /// One line saying where a run directory's disk space goes: its total, the checkpoints (and how

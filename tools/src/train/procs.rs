@@ -152,75 +152,150 @@ impl Proc {
     }
 }
 
-/// Runs the two processes until the learner finishes its steps (or Ctrl-C).
+/// Runs the two processes until the learner finishes its steps (or Ctrl-C): start both,
+/// supervise them (progress, signals, failures, hangs), then report.
 pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
     let f = &cfg.file;
-    let out = &cfg.output_dir;
-    let config_path = out.join("config.toml");
-    let learner_bin = sibling_binary("nested-reft-learner")?;
-    let server_bin = sibling_binary("nested-reft-rollout-server")?;
-    let split = Split::new(f.learner_threads, f.server_threads);
-    let runtime = crate::service::default_runtime_dir().join(format!(
-        "train-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&runtime)
-        .with_context(|| format!("while creating {}", runtime.display()))?;
-    let metrics_path = out.join("metrics.jsonl");
-    if !opts.resume {
-        // A fresh run starts fresh files (a resumed one appends to them).
-        let _ = std::fs::remove_file(&metrics_path);
-        let _ = std::fs::remove_file(out.join("samples.jsonl"));
-        let _ = std::fs::remove_dir_all(out.join("rollout-server"));
-        let _ = std::fs::remove_dir_all(out.join("checkpoints"));
-    }
-    eprintln!(
-        "mode {}: learner {} thread(s){}, rollout server {} thread(s){} of {} core(s); \
-         max staleness {}; logs in {}",
-        f.mode,
-        split.learner,
-        if f.pin_cores {
-            format!(" on CPUs {:?}", split.learner_cpus())
-        } else {
-            String::new()
-        },
-        split.server,
-        if f.pin_cores {
-            format!(" on CPUs {:?}", split.server_cpus())
-        } else {
-            String::new()
-        },
-        split.cores,
-        f.max_staleness,
-        out.display()
-    );
-
+    let launcher = Launcher::new(cfg, opts)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())
             .context("while installing the signal handlers")?;
     }
-    let spawn = |name: &'static str,
-                 bin: &Path,
-                 state: &Path,
-                 threads: usize,
-                 cpus: Vec<usize>,
-                 extra: &[&str]|
-     -> Result<Proc> {
+    let (mut learner, mut server) = launcher.start_both()?;
+    let mut progress = Progress::new(f.steps, cfg.output_dir.join("metrics.jsonl"));
+    let mut hang = HangWatch::new(&launcher.runtime, Duration::from_secs_f64(f.hang_timeout_s));
+    let result = supervise(
+        cfg,
+        [&mut learner, &mut server],
+        &stop,
+        &mut progress,
+        &mut hang,
+    );
+    progress.bar.finish();
+    let _ = std::fs::remove_dir_all(&launcher.runtime);
+    result?;
+    progress.update();
+    report(cfg, &progress.curve)
+}
+
+/// Starts the service binaries of one run: their configuration, runtime directory, threads.
+struct Launcher<'a> {
+    cfg: &'a TrainConfig,
+    opts: &'a ProcOptions,
+    config_path: PathBuf,
+    runtime: PathBuf,
+    split: Split,
+    learner_bin: PathBuf,
+    server_bin: PathBuf,
+}
+
+impl<'a> Launcher<'a> {
+    /// Finds the binaries, makes the run's runtime directory, clears a fresh run's outputs and
+    /// says how the cores are split.
+    fn new(cfg: &'a TrainConfig, opts: &'a ProcOptions) -> Result<Self> {
+        let (f, out) = (&cfg.file, &cfg.output_dir);
+        let learner_bin = sibling_binary("nested-reft-learner")?;
+        let server_bin = sibling_binary("nested-reft-rollout-server")?;
+        let split = Split::new(f.learner_threads, f.server_threads);
+        let runtime = crate::service::default_runtime_dir().join(format!(
+            "train-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&runtime)
+            .with_context(|| format!("while creating {}", runtime.display()))?;
+        if !opts.resume {
+            // A fresh run starts fresh files (a resumed one appends to them).
+            let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+            let _ = std::fs::remove_file(out.join("samples.jsonl"));
+            let _ = std::fs::remove_dir_all(out.join("rollout-server"));
+            let _ = std::fs::remove_dir_all(out.join("checkpoints"));
+        }
+        let on = |cpus: Vec<usize>| {
+            if f.pin_cores {
+                format!(" on CPUs {cpus:?}")
+            } else {
+                String::new()
+            }
+        };
+        eprintln!(
+            "mode {}: learner {} thread(s){}, rollout server {} thread(s){} of {} core(s); \
+             max staleness {}; logs in {}",
+            f.mode,
+            split.learner,
+            on(split.learner_cpus()),
+            split.server,
+            on(split.server_cpus()),
+            split.cores,
+            f.max_staleness,
+            out.display()
+        );
+        Ok(Self {
+            cfg,
+            opts,
+            config_path: out.join("config.toml"),
+            runtime,
+            split,
+            learner_bin,
+            server_bin,
+        })
+    }
+
+    /// The learner, then the rollout server (the learner is stopped if the server fails to
+    /// start).
+    fn start_both(&self) -> Result<(Proc, Proc)> {
+        let (f, out) = (&self.cfg.file, &self.cfg.output_dir);
+        let mut learner_extra = vec!["--steps".to_string(), f.steps.to_string()];
+        if self.opts.resume {
+            learner_extra.push("--resume".into());
+        }
+        let mut learner = self.spawn(
+            "learner",
+            &self.learner_bin,
+            out,
+            self.split.learner,
+            self.split.learner_cpus(),
+            &learner_extra,
+        )?;
+        match self.spawn(
+            "rollout-server",
+            &self.server_bin,
+            &out.join("rollout-server"),
+            self.split.server,
+            self.split.server_cpus(),
+            &[],
+        ) {
+            Ok(server) => Ok((learner, server)),
+            Err(e) => {
+                learner.terminate();
+                Err(e)
+            }
+        }
+    }
+
+    fn spawn(
+        &self,
+        name: &'static str,
+        bin: &Path,
+        state: &Path,
+        threads: usize,
+        cpus: Vec<usize>,
+        extra: &[String],
+    ) -> Result<Proc> {
         std::fs::create_dir_all(state)
             .with_context(|| format!("while creating {}", state.display()))?;
-        let log = out.join(format!("{name}.log"));
+        let log = self.cfg.output_dir.join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("while creating {}", log.display()))?;
         let mut cmd = Command::new(bin);
         cmd.arg("--config")
-            .arg(&config_path)
+            .arg(&self.config_path)
             .arg("--runtime-dir")
-            .arg(&runtime)
+            .arg(&self.runtime)
             .arg("--name")
             .arg(JOB_NAME)
             .arg("--state-dir")
@@ -232,10 +307,10 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
-        if opts.log_json {
+        if self.opts.log_json {
             cmd.arg("--log-json");
         }
-        if f.pin_cores {
+        if self.cfg.file.pin_cores {
             let list: Vec<String> = cpus.iter().map(usize::to_string).collect();
             cmd.arg("--cpus").arg(list.join(","));
         }
@@ -248,61 +323,66 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
             log,
             status: None,
         })
-    };
-    let mut learner_extra = vec!["--steps".to_string(), f.steps.to_string()];
-    if opts.resume {
-        learner_extra.push("--resume".into());
     }
-    let learner_extra: Vec<&str> = learner_extra.iter().map(String::as_str).collect();
-    let mut learner = spawn(
-        "learner",
-        &learner_bin,
-        out,
-        split.learner,
-        split.learner_cpus(),
-        &learner_extra,
-    )?;
-    let mut server = match spawn(
-        "rollout-server",
-        &server_bin,
-        &out.join("rollout-server"),
-        split.server,
-        split.server_cpus(),
-        &[],
-    ) {
-        Ok(s) => s,
-        Err(e) => {
-            learner.terminate();
-            return Err(e);
-        }
-    };
+}
 
-    let mut hang = HangWatch::new(&runtime, Duration::from_secs_f64(f.hang_timeout_s));
-    let tty = std::io::stderr().is_terminal();
-    let bar = super::progress_bar(f.steps);
-    let mut seen = 0usize;
-    let mut curve = Vec::new();
-    let mut forwarded = false;
-    let result = loop {
-        // Progress from the learner's metrics.
-        for line in new_lines(&metrics_path, &mut seen) {
+/// The progress bar, fed from the learner's metrics, and the reward curve for the plot.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    tty: bool,
+    steps: u64,
+    metrics: PathBuf,
+    seen: usize,
+    curve: Vec<(u64, f64, f64)>,
+}
+
+impl Progress {
+    fn new(steps: u64, metrics: PathBuf) -> Self {
+        Self {
+            bar: super::progress_bar(steps),
+            tty: std::io::stderr().is_terminal(),
+            steps,
+            metrics,
+            seen: 0,
+            curve: Vec::new(),
+        }
+    }
+
+    /// Reads the steps written since the last call.
+    fn update(&mut self) {
+        for line in new_lines(&self.metrics, &mut self.seen) {
             if let Some(p) = parse_step(&line) {
-                curve.push((p.step, p.reward, p.accuracy));
-                bar.set_position(p.step);
+                self.curve.push((p.step, p.reward, p.accuracy));
+                self.bar.set_position(p.step);
                 let msg = format!(
                     "reward {:.3} acc {:.2} | batch {} (staleness ≤ {})",
                     p.reward, p.accuracy, p.batch_id, p.staleness
                 );
-                if tty {
-                    bar.set_message(msg);
-                } else {
-                    eprintln!("step {}/{}: {msg}", p.step, f.steps);
+                if self.tty {
+                    self.bar.set_message(msg);
+                } else if !self.bar.is_finished() {
+                    eprintln!("step {}/{}: {msg}", p.step, self.steps);
                 }
             }
         }
+    }
+}
+
+/// Follows both processes until both are done: forwards Ctrl-C, stops the pair when one fails
+/// or hangs.
+fn supervise(
+    cfg: &TrainConfig,
+    [learner, server]: [&mut Proc; 2],
+    stop: &AtomicBool,
+    progress: &mut Progress,
+    hang: &mut HangWatch,
+) -> Result<()> {
+    let mut forwarded = false;
+    loop {
+        progress.update();
+        // Relaxed: a plain flag set by the signal handler.
         if stop.load(Ordering::Relaxed) && !forwarded {
-            // Relaxed: a plain flag set by the signal handler.
-            bar.suspend(|| {
+            progress.bar.suspend(|| {
                 eprintln!("interrupted: stopping both processes after their current step")
             });
             learner.terminate();
@@ -311,40 +391,23 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
         }
         if let Some((side, silent)) = hang.look() {
             let (hung, other) = match side {
-                Side::Learner => (&mut learner, &mut server),
-                Side::Server => (&mut server, &mut learner),
+                Side::Learner => (learner, server),
+                Side::Server => (server, learner),
             };
-            let pid = hung.child.id();
-            hung.kill();
-            other.terminate();
-            let _ = other.wait(Duration::from_secs(120));
-            break Err(anyhow::anyhow!(
-                "the {} (pid {pid}) is hung: no heartbeat for {:.0} s (hang_timeout_s is {}); \
-                 it was stopped (SIGSTOP, a debugger) or starved, so the run is stopped. \
-                 Continue it with `nested-reft train --resume --output-dir {}`; the end of \
-                 {}:\n{}",
-                hung.name,
-                silent.as_secs_f64(),
-                f.hang_timeout_s,
-                out.display(),
-                hung.log.display(),
-                hung.log_tail()
-            ));
+            return Err(stop_hung(cfg, hung, other, silent));
         }
-        let l = learner.poll()?;
-        let s = server.poll()?;
-        match (l, s) {
+        match (learner.poll()?, server.poll()?) {
             (Some(ls), _) if !ls.success() => {
                 server.terminate();
                 let _ = server.wait(Duration::from_secs(60));
-                break Err(child_failed(&learner, ls));
+                return Err(child_failed(learner, ls));
             }
             (_, Some(ss)) if !ss.success() && !forwarded => {
                 learner.terminate();
                 let _ = learner.wait(Duration::from_secs(120));
-                break Err(child_failed(&server, ss));
+                return Err(child_failed(server, ss));
             }
-            (Some(_), Some(_)) => break Ok(()),
+            (Some(_), Some(_)) => return Ok(()),
             // The learner is done and told the server to stop; give it a moment.
             (Some(_), None) if server.wait(Duration::from_secs(30))?.is_none() => {
                 server.terminate();
@@ -356,15 +419,37 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
             _ => {}
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
-    bar.finish();
-    let _ = std::fs::remove_dir_all(&runtime);
-    result?;
-    for line in new_lines(&metrics_path, &mut seen) {
-        if let Some(p) = parse_step(&line) {
-            curve.push((p.step, p.reward, p.accuracy));
-        }
     }
+}
+
+/// Ends the hung process (a stopped one cannot act on SIGTERM), stops the other cleanly, and
+/// says what happened.
+fn stop_hung(
+    cfg: &TrainConfig,
+    hung: &mut Proc,
+    other: &mut Proc,
+    silent: Duration,
+) -> anyhow::Error {
+    let pid = hung.child.id();
+    hung.kill();
+    other.terminate();
+    let _ = other.wait(Duration::from_secs(120));
+    anyhow::anyhow!(
+        "the {} (pid {pid}) is hung: no heartbeat for {:.0} s (hang_timeout_s is {}); it was \
+         stopped (SIGSTOP, a debugger) or starved, so the run is stopped. Continue it with \
+         `nested-reft train --resume --output-dir {}`; the end of {}:\n{}",
+        hung.name,
+        silent.as_secs_f64(),
+        cfg.file.hang_timeout_s,
+        cfg.output_dir.display(),
+        hung.log.display(),
+        hung.log_tail()
+    )
+}
+
+/// The reward plot and where the run's outputs are.
+fn report(cfg: &TrainConfig, curve: &[(u64, f64, f64)]) -> Result<()> {
+    let (f, out) = (&cfg.file, &cfg.output_dir);
     let title = format!(
         "{} · mode {} · correction {}",
         f.model
@@ -375,8 +460,8 @@ pub fn run(cfg: &TrainConfig, opts: &ProcOptions) -> Result<()> {
         f.mode,
         f.update.correction
     );
-    plot::reward_curve(&out.join("reward.svg"), &title, &curve)?;
-    eprintln!("metrics: {}", metrics_path.display());
+    plot::reward_curve(&out.join("reward.svg"), &title, curve)?;
+    eprintln!("metrics: {}", out.join("metrics.jsonl").display());
     eprintln!("plot:    {}", out.join("reward.svg").display());
     if f.save_model && out.join("model").is_dir() {
         eprintln!("model:   {}", out.join("model").display());
