@@ -51,6 +51,7 @@ pub use plan::{
     AdaptiveConfig, AdaptivePolicy, LayerPlan, PlanSampler, PlanSpec, PlanStrategy, SkipRatio,
     Unit, CALIBRATED_WINDOW,
 };
+pub use protocol::SamplingParams;
 pub use quant::WeightFormat;
 pub use sampling::{stream_seed, Sampler, Sampling};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -24,7 +24,7 @@ use crate::sync::{atomic_u64_at, AtomicU64, Ordering};
 /// Magic of a ring segment ("NRFTRING").
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"NRFTRING");
 /// Layout version of the ring segment and record encoding.
-pub const RING_LAYOUT_VERSION: u32 = 3;
+pub const RING_LAYOUT_VERSION: u32 = 4;
 
 const EXT: &str = "ring";
 const OFF_GENERATION: usize = 40;
