@@ -105,24 +105,28 @@ fn check_record(r: &RolloutRecord, cfg: &UpdateConfig) -> Result<()> {
     }
     // The importance ratios compare the target's tempered, untruncated softmax with the
     // recorded behavior log-probs: the record must have been sampled with exactly that.
-    let s = r.sampling;
-    let mismatch = [
+    let (s, t) = (r.sampling, cfg);
+    let checks = [
         (
             "temperature",
+            s.temperature != t.temperature,
             s.temperature.to_string(),
-            cfg.temperature.to_string(),
+            t.temperature.to_string(),
         ),
-        ("top_p", s.top_p.to_string(), cfg.top_p.to_string()),
-        ("top_k", s.top_k.to_string(), cfg.top_k.to_string()),
-    ]
-    .into_iter()
-    .zip([
-        s.temperature != cfg.temperature,
-        s.top_p != cfg.top_p,
-        s.top_k != cfg.top_k,
-    ])
-    .find(|(_, differs)| *differs);
-    if let Some(((name, record, learner), _)) = mismatch {
+        (
+            "top_p",
+            s.top_p != t.top_p,
+            s.top_p.to_string(),
+            t.top_p.to_string(),
+        ),
+        (
+            "top_k",
+            s.top_k != t.top_k,
+            s.top_k.to_string(),
+            t.top_k.to_string(),
+        ),
+    ];
+    if let Some((name, _, record, learner)) = checks.into_iter().find(|c| c.1) {
         return Err(LearnerError::InvalidBatch(format!(
             "record of group {} was sampled with {name} {record}, but the learner scores the \
              target with {name} {learner}: the importance ratios would be wrong",
