@@ -38,7 +38,7 @@ pub fn record(i: u64) -> RolloutRecord {
             top_k: (i % 3) as u32 * 20,
         },
         seed: i * 31,
-        reward: if i % 5 == 0 {
+        reward: if i.is_multiple_of(5) {
             RewardOutcome::failed(format!("sample {i}: the module exited (é)"))
         } else {
             RewardOutcome::scored(i as f32 * 0.5)
