@@ -42,13 +42,17 @@ pub struct PreparedBatch {
     pub uniform_groups: usize,
     /// Completions with no tokens (nothing to train on; their reward still counts).
     pub empty_completions: usize,
-    /// Completions whose reward function failed (their fallback reward is used).
+    /// Completions whose reward failed (the record carries the failure and its message).
     pub failed_rewards: usize,
-    /// Mean reward over every completion of the batch.
+    /// Groups left out because a member's reward failed: a failed reward has no value, and
+    /// the group's advantages would compare the others with a made-up one.
+    pub failed_reward_groups: usize,
+    /// Mean reward over every completion of the groups whose rewards all succeeded (NaN when
+    /// there is none).
     pub reward_mean: f64,
-    /// Standard deviation of the reward over every completion of the batch.
+    /// Standard deviation of the reward over the same completions.
     pub reward_std: f64,
-    /// Fraction of completions whose reward reaches the configured threshold.
+    /// Fraction of the same completions whose reward reaches the configured threshold.
     pub accuracy: f64,
     /// The layer plan the behavior sampled this batch with, decoded from the first record
     /// (a rollout batch is generated under one plan; should the records disagree, the first
@@ -99,18 +103,40 @@ fn check_record(r: &RolloutRecord, cfg: &UpdateConfig) -> Result<()> {
             r.logprobs.len()
         )));
     }
-    let t = f64::from(r.sampling.temperature);
-    if (t - cfg.temperature).abs() > 1e-6 * cfg.temperature.max(1.0) {
+    // The importance ratios compare the target's tempered, untruncated softmax with the
+    // recorded behavior log-probs: the record must have been sampled with exactly that.
+    let (s, t) = (r.sampling, cfg);
+    let checks = [
+        (
+            "temperature",
+            s.temperature != t.temperature,
+            s.temperature.to_string(),
+            t.temperature.to_string(),
+        ),
+        (
+            "top_p",
+            s.top_p != t.top_p,
+            s.top_p.to_string(),
+            t.top_p.to_string(),
+        ),
+        (
+            "top_k",
+            s.top_k != t.top_k,
+            s.top_k.to_string(),
+            t.top_k.to_string(),
+        ),
+    ];
+    if let Some((name, _, record, learner)) = checks.into_iter().find(|c| c.1) {
         return Err(LearnerError::InvalidBatch(format!(
-            "record of group {} was sampled at temperature {t}, but the learner scores the target \
-             at temperature {}: the importance ratios would be wrong",
-            r.group_id, cfg.temperature
+            "record of group {} was sampled with {name} {record}, but the learner scores the \
+             target with {name} {learner}: the importance ratios would be wrong",
+            r.group_id
         )));
     }
-    if !r.rewards.total.is_finite() {
+    if !r.reward.value.is_finite() {
         return Err(LearnerError::InvalidBatch(format!(
             "record of group {} has a non-finite reward {}",
-            r.group_id, r.rewards.total
+            r.group_id, r.reward.value
         )));
     }
     Ok(())
@@ -170,9 +196,14 @@ pub fn prepare_batch(
         for r in group {
             check_record(r, cfg)?;
         }
-        let rewards: Vec<f64> = group.iter().map(|r| f64::from(r.rewards.total)).collect();
+        let failed = group.iter().filter(|r| r.reward.is_failed()).count();
+        if failed > 0 {
+            out.failed_rewards += failed;
+            out.failed_reward_groups += 1;
+            continue;
+        }
+        let rewards: Vec<f64> = group.iter().map(|r| f64::from(r.reward.value)).collect();
         all.extend_from_slice(&rewards);
-        out.failed_rewards += group.iter().filter(|r| r.rewards.failed).count();
         if rewards.iter().all(|&r| r == rewards[0]) {
             out.uniform_groups += 1;
             continue;
@@ -191,6 +222,10 @@ pub fn prepare_batch(
             });
         }
     }
+    if all.is_empty() {
+        (out.reward_mean, out.reward_std, out.accuracy) = (f64::NAN, f64::NAN, f64::NAN);
+        return Ok(out);
+    }
     let n = all.len() as f64;
     out.reward_mean = all.iter().sum::<f64>() / n;
     out.reward_std = (all
@@ -206,7 +241,7 @@ pub fn prepare_batch(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use protocol::{FinishReason, Rewards, Sampling, Timings};
+    use protocol::{FinishReason, RewardOutcome, SamplingParams, Timings};
 
     pub(crate) fn record(group: u64, reward: f32, completion: Vec<u32>) -> RolloutRecord {
         RolloutRecord {
@@ -221,18 +256,9 @@ pub(crate) mod tests {
             logprobs: vec![-1.0; completion.len()],
             completion,
             plan: vec![0, 1],
-            sampling: Sampling {
-                temperature: 1.0,
-                top_p: 1.0,
-                top_k: 0,
-                seed: 0,
-            },
-            rewards: Rewards {
-                components: [reward, 0.0, 0.0, 0.0],
-                n_components: 1,
-                total: reward,
-                failed: false,
-            },
+            sampling: SamplingParams::default(),
+            seed: 0,
+            reward: RewardOutcome::scored(reward),
             finish: FinishReason::Eos,
             timings: Timings::default(),
         }
@@ -316,7 +342,11 @@ pub(crate) mod tests {
         let mut hot = record(0, 1.0, vec![5]);
         hot.sampling.temperature = 0.7;
         let err = prepare_batch(&[vec![hot]], &cfg, 2).unwrap_err();
-        assert!(err.to_string().contains("temperature"), "{err}");
+        assert!(
+            err.to_string().contains("temperature 0.7")
+                && err.to_string().contains("temperature 1"),
+            "{err}"
+        );
         let err = prepare_batch(
             &[vec![record(0, 1.0, vec![5]), record(1, 0.0, vec![5])]],
             &cfg,
@@ -328,5 +358,48 @@ pub(crate) mod tests {
             "{err}"
         );
         assert!(prepare_batch(&[], &cfg, 2).is_err());
+    }
+
+    #[test]
+    fn truncated_records_are_refused_naming_both_values() {
+        let cfg = UpdateConfig::default();
+        let mut r = record(0, 1.0, vec![5]);
+        r.sampling.top_p = 0.9;
+        let err = prepare_batch(&[vec![r]], &cfg, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("top_p 0.9") && err.contains("top_p 1:"),
+            "{err}"
+        );
+        let mut r = record(0, 1.0, vec![5]);
+        r.sampling.top_k = 40;
+        let err = prepare_batch(&[vec![r]], &cfg, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("top_k 40") && err.contains("top_k 0:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn groups_with_a_failed_reward_are_dropped_and_counted() {
+        let cfg = UpdateConfig::default();
+        let mut failed = record(0, 0.0, vec![5]);
+        failed.reward = RewardOutcome::failed("the reward module timed out");
+        let groups = vec![
+            vec![record(0, 1.0, vec![5, 6]), failed.clone()],
+            vec![record(1, 0.0, vec![5]), record(1, 1.0, vec![6, 6])],
+        ];
+        let b = prepare_batch(&groups, &cfg, 2).unwrap();
+        assert_eq!(
+            (b.groups, b.failed_reward_groups, b.failed_rewards),
+            (2, 1, 1)
+        );
+        // Only group 1 trains, and the statistics are over its completions alone.
+        assert_eq!(b.sequences.len(), 2);
+        assert_eq!(b.completion_tokens(), 3);
+        assert_eq!(b.reward_mean, 0.5);
+        // Every group failed: nothing to train on, nothing measured.
+        let b = prepare_batch(&[vec![failed]], &cfg, 2).unwrap();
+        assert_eq!((b.failed_reward_groups, b.sequences.len()), (1, 0));
+        assert!(b.reward_mean.is_nan());
     }
 }

@@ -196,8 +196,15 @@ pub struct UpdateConfig {
     /// full-depth forward (no backward) and one nested forward + backward per micro-batch, and
     /// nothing when the batch's plan is full or unknown.
     pub consistency_beta: f64,
-    /// Temperature the behavior sampled with: the target's log-probs use the same one.
-    pub temperature: f64,
+    /// Temperature the behavior sampled with: the target's log-probs use the same one, and a
+    /// record sampled at another is refused.
+    pub temperature: f32,
+    /// Top-p of the behavior's sampling; must be 1 (no truncation, see
+    /// [`UpdateConfig::validate`]); a record sampled with another is refused.
+    pub top_p: f32,
+    /// Top-k of the behavior's sampling; must be 0 (off); a record sampled with another is
+    /// refused.
+    pub top_k: u32,
     /// Positions computed per micro-batch (prompts, completions and any padding): bounds the
     /// activation memory. The gradient does not depend on it.
     pub micro_batch_tokens: usize,
@@ -228,6 +235,8 @@ impl Default for UpdateConfig {
             kl_coef: 0.0,
             consistency_beta: 0.0,
             temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
             micro_batch_tokens: 2048,
             prefix_sharing: true,
             packing: true,
@@ -286,7 +295,18 @@ impl UpdateConfig {
         }
         non_negative("kl_coef", self.kl_coef)?;
         non_negative("consistency_beta", self.consistency_beta)?;
-        positive("temperature", self.temperature)?;
+        positive("temperature", f64::from(self.temperature))?;
+        // The ratio π/μ is taken between full tempered softmaxes. Under top-p / top-k the
+        // behavior's support and normaliser depend on the logits of the model that sampled, so
+        // the target would need the same truncation of its own logits, which is a different
+        // (and biased) objective: truncated sampling is for generation and evaluation only.
+        if self.top_p != 1.0 || self.top_k != 0 {
+            return Err(LearnerError::InvalidConfig(format!(
+                "top_p {} / top_k {}: truncated sampling cannot train (the importance ratios \
+                 compare full tempered softmaxes); use top_p = 1 and top_k = 0",
+                self.top_p, self.top_k
+            )));
+        }
         if self.micro_batch_tokens == 0 {
             return Err(LearnerError::InvalidConfig(
                 "micro_batch_tokens must be at least 1".into(),
@@ -382,6 +402,20 @@ mod tests {
                     ..Default::default()
                 },
                 "temperature",
+            ),
+            (
+                UpdateConfig {
+                    top_p: 0.9,
+                    ..Default::default()
+                },
+                "truncated sampling",
+            ),
+            (
+                UpdateConfig {
+                    top_k: 20,
+                    ..Default::default()
+                },
+                "truncated sampling",
             ),
             (
                 UpdateConfig {

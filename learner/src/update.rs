@@ -45,6 +45,10 @@ pub struct StepStats {
     pub groups: usize,
     /// Groups with equal rewards (zero advantage, not trained on).
     pub uniform_groups: usize,
+    /// Completions whose reward failed.
+    pub failed_rewards: usize,
+    /// Groups left out because a member's reward failed.
+    pub failed_reward_groups: usize,
     /// Completions trained on.
     pub sequences: usize,
     /// Completion tokens trained on.
@@ -226,7 +230,7 @@ impl Learner {
     ///     generate, Architecture, Decoder, GenerationConfig, LayerPlan, ModelConfig, Sampling,
     ///     Weights,
     /// };
-    /// use protocol::{FinishReason, Rewards, RolloutRecord, Timings};
+    /// use protocol::{FinishReason, RewardOutcome, RolloutRecord, SamplingParams, Timings};
     ///
     /// let cfg = ModelConfig::tiny(Architecture::Llama, 5, 3);
     /// let weights = Weights::random(&cfg, 3, DType::F32, &Device::Cpu)?;
@@ -261,18 +265,9 @@ impl Learner {
     ///             completion: c.tokens.clone(),
     ///             logprobs: c.logprobs.clone(),
     ///             plan: behavior.to_record(),
-    ///             sampling: protocol::Sampling {
-    ///                 temperature: 1.0,
-    ///                 top_p: 1.0,
-    ///                 top_k: 0,
-    ///                 seed: 1,
-    ///             },
-    ///             rewards: Rewards {
-    ///                 components: [reward, 0.0, 0.0, 0.0],
-    ///                 n_components: 1,
-    ///                 total: reward,
-    ///                 failed: false,
-    ///             },
+    ///             sampling: SamplingParams::temperature(1.0),
+    ///             seed: 1,
+    ///             reward: RewardOutcome::scored(reward),
     ///             finish: FinishReason::Length,
     ///             timings: Timings::default(),
     ///         }
@@ -302,6 +297,8 @@ impl Learner {
             accuracy: batch.accuracy,
             groups: batch.groups,
             uniform_groups: batch.uniform_groups,
+            failed_rewards: batch.failed_rewards,
+            failed_reward_groups: batch.failed_reward_groups,
             sequences: batch.sequences.len(),
             tokens: batch.completion_tokens(),
             ..StepStats::default()
@@ -309,7 +306,11 @@ impl Learner {
         if batch.sequences.is_empty() {
             stats.version = self.version;
             stats.lr = self.cfg.optim.lr_at(self.version);
-            stats.skipped = Some("no group had distinct rewards".into());
+            stats.skipped = Some(if batch.failed_reward_groups == batch.groups {
+                "every group had a failed reward".into()
+            } else {
+                "no group had distinct rewards".into()
+            });
             return Ok(stats);
         }
         let mut cache = StepCache::default();
@@ -434,7 +435,7 @@ impl Learner {
             micro_batches: 0,
             layout: micro.stats,
         };
-        let temperature = self.cfg.temperature;
+        let temperature = f64::from(self.cfg.temperature);
         for m in &micro.micros {
             out.micro_batches += 1;
             let lp = m.logprobs(
@@ -626,7 +627,7 @@ impl Learner {
     /// `hidden`: (n, hidden) → (n, vocab).
     fn log_softmax(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = self.model.project(hidden)?;
-        let t = self.cfg.temperature;
+        let t = f64::from(self.cfg.temperature);
         let logits = if t == 1.0 { logits } else { (logits / t)? };
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
     }

@@ -209,7 +209,7 @@ fn a_batch_of_uniform_groups_trains_nothing_in_any_layout() {
         let mut g = groups(&[]);
         for group in &mut g {
             for r in group.iter_mut() {
-                r.rewards.total = 0.5;
+                r.reward.value = 0.5;
             }
         }
         let mut l = Learner::new(tiny_f64(Architecture::Llama), None, cfg).unwrap();

@@ -132,11 +132,11 @@ mod tests {
         // the default model's (exact blocks).
         for (vocab, rows) in [(1000usize, 64usize), (49_152, 16), (7, 40)] {
             let (data, logits) = random_logits(rows, vocab, vocab as u64);
-            let t = 0.7;
+            let t = 0.7f32;
             let sampler = Sampler::new(Sampling::temperature(t), 0).unwrap();
             let mut rng = StdRng::seed_from_u64(5);
             let u: Vec<f64> = (0..rows).map(|_| rng.random()).collect();
-            let draws = draw_rows(&logits, 1.0 / t, &u).unwrap();
+            let draws = draw_rows(&logits, 1.0 / f64::from(t), &u).unwrap();
             let mut same = 0;
             for (r, d) in draws.iter().enumerate() {
                 let (tok, lp) = d.expect("finite logits draw on the device");

@@ -10,17 +10,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
-/// Why a completion ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// An end-of-sequence / end-of-turn token was sampled (it is the last token).
-    Eos,
-    /// The decoded text came to contain this stop string.
-    Stop(String),
-    /// `max_new_tokens` were generated.
-    Length,
-}
+pub use protocol::FinishReason;
 
 /// What to generate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -349,7 +339,7 @@ fn draw_on_device(logits: &Tensor, active: &mut [Row]) -> Result<Vec<(u32, f32)>
             let ids = crate::draw::argmax_rows(logits)?;
             return Ok(ids.into_iter().map(|id| (id, 0.0)).collect());
         }
-        Sampling::Sample { temperature, .. } => 1.0 / temperature,
+        Sampling::Sample(p) => 1.0 / f64::from(p.temperature),
     };
     let uniforms: Vec<f64> = active
         .iter_mut()

@@ -60,6 +60,7 @@ pub use policy::{
     CALIBRATED_WINDOW,
 };
 pub use profile::{CalibrationInfo, Profile, SkipSet, UnitMeasure, PROFILE_FORMAT};
+pub use protocol::SamplingParams;
 pub use quant::WeightFormat;
 pub use sampling::{stream_seed, Sampler, Sampling};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -2,6 +2,7 @@
 //! actually sampled from (after temperature and any truncation).
 
 use crate::error::{ModelError, Result};
+use protocol::SamplingParams;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -12,60 +13,35 @@ use serde::{Deserialize, Serialize};
 pub enum Sampling {
     /// Always the most likely token; its recorded log-prob is 0 (a point mass).
     Greedy,
-    /// Sample from softmax(logits / temperature), optionally truncated.
-    Sample {
-        /// Temperature, > 0.
-        temperature: f64,
-        /// Nucleus mass in (0, 1]; 1 disables it.
-        top_p: f64,
-        /// Keep only the k most likely tokens; 0 disables it.
-        top_k: usize,
-    },
+    /// Sample from softmax(logits / temperature), optionally truncated (see
+    /// [`SamplingParams`] for the truncation rule and the log-prob recorded under it).
+    Sample(SamplingParams),
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Self::Sample {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-        }
+        Self::Sample(SamplingParams::default())
     }
 }
 
 impl Sampling {
     /// Plain temperature sampling (no truncation: importance weights stay unbiased).
-    pub fn temperature(temperature: f64) -> Self {
-        Self::Sample {
-            temperature,
-            top_p: 1.0,
-            top_k: 0,
-        }
+    pub fn temperature(temperature: f32) -> Self {
+        Self::Sample(SamplingParams::temperature(temperature))
     }
 
     /// Checks the parameters.
     pub fn validate(self) -> Result<Self> {
-        if let Self::Sample {
-            temperature, top_p, ..
-        } = self
-        {
-            if !(temperature > 0.0 && temperature.is_finite()) {
-                return Err(ModelError::InvalidSampling(format!(
-                    "temperature {temperature} must be a positive number (use greedy for 0)"
-                )));
-            }
-            if !(top_p > 0.0 && top_p <= 1.0) {
-                return Err(ModelError::InvalidSampling(format!(
-                    "top_p {top_p} must be in (0, 1]"
-                )));
-            }
+        if let Self::Sample(p) = self {
+            p.validate()
+                .map_err(|e| ModelError::InvalidSampling(e.to_string()))?;
         }
         Ok(self)
     }
 
     /// Whether the sampled distribution is the full tempered softmax (no top-p / top-k).
     pub fn is_untruncated(&self) -> bool {
-        matches!(self, Self::Sample { top_p, top_k, .. } if *top_p >= 1.0 && *top_k == 0)
+        matches!(self, Self::Sample(p) if !p.is_truncated())
     }
 }
 
@@ -104,7 +80,7 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32]) -> Result<(u32, f32)> {
         let u = match self.sampling {
             Sampling::Greedy => 0.0,
-            Sampling::Sample { .. } => self.next_uniform(),
+            Sampling::Sample(_) => self.next_uniform(),
         };
         self.sample_with(logits, u)
     }
@@ -134,12 +110,11 @@ impl Sampler {
                         });
                 Ok((best as u32, 0.0))
             }
-            Sampling::Sample {
-                temperature,
-                top_p,
-                top_k,
-            } => {
-                let inv_t = 1.0 / temperature;
+            Sampling::Sample(p) => {
+                let inv_t = 1.0 / f64::from(p.temperature);
+                let top_p = f64::from(p.top_p);
+                // A cut-off at or above the vocabulary keeps every token (u32 -> usize widens).
+                let top_k = p.top_k as usize;
                 let scaled = |i: usize| logits[i] as f64 * inv_t;
                 let truncated = top_k > 0 && top_k < logits.len() || top_p < 1.0;
                 let mut cand: Vec<usize> = if truncated {
@@ -241,9 +216,9 @@ mod tests {
     #[test]
     fn temperature_sampling_matches_softmax_and_reports_its_logprob() {
         let logits = [1.0f32, 2.0, 0.5, -1.0];
-        let t = 0.7;
+        let t = f64::from(0.7f32);
         let z: f64 = logits.iter().map(|&x| (x as f64 / t).exp()).sum();
-        let (f, lp) = freqs(Sampling::temperature(t), &logits, 40_000);
+        let (f, lp) = freqs(Sampling::temperature(t as f32), &logits, 40_000);
         for i in 0..4 {
             let p = (logits[i] as f64 / t).exp() / z;
             assert!((f[i] - p).abs() < 0.01, "token {i}: {} vs {p}", f[i]);
@@ -255,11 +230,10 @@ mod tests {
     fn top_k_and_top_p_truncate_and_renormalise() {
         let logits = [3.0f32, 2.0, 1.0, 0.0];
         let (f, lp) = freqs(
-            Sampling::Sample {
-                temperature: 1.0,
-                top_p: 1.0,
+            Sampling::Sample(SamplingParams {
                 top_k: 2,
-            },
+                ..SamplingParams::default()
+            }),
             &logits,
             20_000,
         );
@@ -268,11 +242,10 @@ mod tests {
         assert!((lp[0] as f64 - p0.ln()).abs() < 1e-5);
         // softmax([3,2,1,0]) = [.644, .237, .087, .032]: top_p 0.85 keeps the first two.
         let (f, _) = freqs(
-            Sampling::Sample {
-                temperature: 1.0,
+            Sampling::Sample(SamplingParams {
                 top_p: 0.85,
-                top_k: 0,
-            },
+                ..SamplingParams::default()
+            }),
             &logits,
             20_000,
         );
@@ -287,11 +260,10 @@ mod tests {
         assert!(s.sample(&[0.1, f32::NAN]).is_err());
         assert!(Sampler::new(Sampling::temperature(0.0), 0).is_err());
         assert!(Sampler::new(
-            Sampling::Sample {
-                temperature: 1.0,
+            Sampling::Sample(SamplingParams {
                 top_p: 0.0,
-                top_k: 0
-            },
+                ..SamplingParams::default()
+            }),
             0
         )
         .is_err());

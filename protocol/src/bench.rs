@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use crate::error::{
     ManifestError, OpenError, PinError, PopError, PublishError, PushError, RecordError,
 };
-use crate::record::{FinishReason, Limits, RecordRef, RecordView, Rewards, Sampling, Timings};
+use crate::record::{FinishReason, Limits, RecordRef, RecordView, RewardOutcome, Timings};
 use crate::ring::{Consumer, Descriptor, Producer, RolloutRing};
+use crate::sampling::SamplingParams;
 use crate::weights::WeightStore;
 use crate::{DType, Manifest};
 
@@ -208,18 +209,9 @@ impl Payload {
             completion: &self.completion.as_slice()[..n],
             logprobs: &self.logprobs.as_slice()[..n],
             plan: &self.plan,
-            sampling: Sampling {
-                temperature: 1.0,
-                top_p: 1.0,
-                top_k: 0,
-                seed: 0,
-            },
-            rewards: Rewards {
-                components: [0.0; 4],
-                n_components: 0,
-                total: 0.0,
-                failed: false,
-            },
+            sampling: SamplingParams::default(),
+            seed: 0,
+            reward: RewardOutcome::default(),
             finish: FinishReason::Length,
             timings: Timings::default(),
         }

@@ -30,6 +30,12 @@ pub enum RecordError {
     /// The failed flag is neither 0 nor 1.
     #[error("reward failed flag is {0}, expected 0 or 1")]
     BadFlag(u32),
+    /// A text (stop string, reward failure message) is present where it has no meaning.
+    #[error("record carries {0}")]
+    StrayText(&'static str),
+    /// A text field is not valid UTF-8.
+    #[error("record {0} is not valid UTF-8")]
+    BadText(&'static str),
     /// The group fields are inconsistent (empty group, index out of range, empty batch).
     #[error(
         "bad group fields: index {index} of a group of {size}, batch of {batch_groups} groups"

@@ -28,6 +28,8 @@ mod record;
 #[cfg(not(loom))]
 mod ring;
 #[cfg(not(loom))]
+mod sampling;
+#[cfg(not(loom))]
 mod segment;
 #[cfg(not(loom))]
 mod weights;
@@ -50,15 +52,17 @@ pub use error::{
 pub use manifest::{DType, Manifest, TensorSpec, TENSOR_ALIGN};
 #[cfg(not(loom))]
 pub use record::{
-    decode_record, encode_record, FinishReason, Limits, RecordRef, RecordView, Rewards,
-    RolloutRecord, Sampling, Timings, MAX_REWARD_COMPONENTS, PLAN_LAYER_MASK, PLAN_SKIP_ATTN,
-    PLAN_SKIP_MLP,
+    decode_record, encode_record, FinishReason, Limits, RecordRef, RecordView, RewardOutcome,
+    RolloutRecord, Timings, MAX_REWARD_MESSAGE_BYTES, MAX_STOP_BYTES, PLAN_LAYER_MASK,
+    PLAN_SKIP_ATTN, PLAN_SKIP_MLP,
 };
 #[cfg(not(loom))]
 pub use ring::{
     parse_ring_header, Consumer, Descriptor, Heartbeat, Liveness, Observer, Pending, Producer,
     RolloutRing, RING_LAYOUT_VERSION, RING_MAGIC,
 };
+#[cfg(not(loom))]
+pub use sampling::{SamplingError, SamplingParams};
 #[cfg(not(loom))]
 pub use segment::default_runtime_dir;
 #[cfg(not(loom))]
@@ -68,4 +72,4 @@ pub use weights::{
 };
 
 /// The layout version announced in the control handshake: bumps when any wire layout changes.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;

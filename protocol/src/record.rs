@@ -1,17 +1,25 @@
 //! The rollout record: one sampled completion with everything the learner needs.
 //!
 //! Wire layout inside a ring slot (native little-endian, every offset a multiple of 4):
-//! a [`RecordHeader`] (`#[repr(C)]`, 128 bytes), then `prompt` as u32 token ids, `completion` as
+//! a [`RecordHeader`] (`#[repr(C)]`, 120 bytes), then `prompt` as u32 token ids, `completion` as
 //! u32 token ids, `logprobs` as f32 (one per completion token), `plan` as u16 entries (a layer
 //! index in the low 14 bits, [`PLAN_SKIP_ATTN`] / [`PLAN_SKIP_MLP`] when one of the layer's two
-//! blocks was skipped) padded to 4 bytes. Decoding trusts no length: every count is checked against the
-//! [`Limits`] and the total against the payload size, with checked arithmetic.
+//! blocks was skipped), then the UTF-8 text of the stop string ([`FinishReason::Stop`]) and of
+//! the reward's failure message, the whole tail zero-padded to 4 bytes. Decoding trusts no
+//! length: every count is checked against the [`Limits`] (the texts against
+//! [`MAX_STOP_BYTES`] and [`MAX_REWARD_MESSAGE_BYTES`]) and the total against the payload
+//! size, with checked arithmetic.
 
 use crate::crc::{copy_with_crc, crc32c_append};
 use crate::error::RecordError;
+use crate::sampling::SamplingParams;
+use serde::{Deserialize, Serialize};
 
-/// Reward components carried per record (plus a total).
-pub const MAX_REWARD_COMPONENTS: usize = 4;
+/// Longest stop string a record carries, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Longest reward failure message a record carries, in bytes ([`RewardOutcome::failed`]
+/// shortens longer ones).
+pub const MAX_REWARD_MESSAGE_BYTES: usize = 1024;
 
 /// Plan entry bits that hold the layer index (so at most 16384 layers).
 pub const PLAN_LAYER_MASK: u16 = 0x3FFF;
@@ -32,57 +40,89 @@ fn check_plan(plan: &[u16]) -> Result<(), RecordError> {
     }
 }
 
-/// Why generation stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-#[non_exhaustive]
+/// Why a completion ended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FinishReason {
-    /// The end-of-sequence / end-of-turn token was sampled.
-    Eos = 1,
+    /// An end-of-sequence / end-of-turn token was sampled (it is the last token).
+    Eos,
     /// The completion hit its token limit.
-    Length = 2,
-    /// A stop string matched.
-    Stop = 3,
-    /// Generation was cancelled.
-    Aborted = 4,
+    Length,
+    /// The decoded text came to contain this stop string.
+    Stop(String),
 }
 
 impl FinishReason {
-    fn from_u32(v: u32) -> Option<Self> {
-        Some(match v {
-            1 => Self::Eos,
-            2 => Self::Length,
-            3 => Self::Stop,
-            4 => Self::Aborted,
-            _ => return None,
-        })
+    fn code(&self) -> u32 {
+        match self {
+            Self::Eos => 1,
+            Self::Length => 2,
+            Self::Stop(_) => 3,
+        }
+    }
+
+    fn stop_text(&self) -> &str {
+        match self {
+            Self::Stop(s) => s,
+            Self::Eos | Self::Length => "",
+        }
     }
 }
 
-/// Sampling parameters the completion was drawn with.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sampling {
-    /// Softmax temperature.
-    pub temperature: f32,
-    /// Nucleus mass; 1.0 disables truncation.
-    pub top_p: f32,
-    /// Top-k cut-off; 0 disables it.
-    pub top_k: u32,
-    /// Seed of the sampler's RNG stream.
-    pub seed: u64,
+/// The reward of one completion: a value, or the reason the reward could not be computed.
+///
+/// A failed reward is never a silent 0: the record carries the failure and its message, and
+/// the learner leaves the whole group out of the update (see `learner::prepare_batch`).
+///
+/// ```
+/// use protocol::RewardOutcome;
+///
+/// assert!(!RewardOutcome::scored(1.0).is_failed());
+/// let failed = RewardOutcome::failed("the reward module timed out");
+/// assert_eq!(failed.failure.as_deref(), Some("the reward module timed out"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RewardOutcome {
+    /// The scalar reward used for advantages; 0 when the reward failed (never trained on).
+    pub value: f32,
+    /// Why the reward failed (timeout, crash, bad sample); `None` when it was computed.
+    pub failure: Option<String>,
 }
 
-/// Reward of one completion.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rewards {
-    /// Individual components; only the first `n_components` are meaningful.
-    pub components: [f32; MAX_REWARD_COMPONENTS],
-    /// How many of `components` are in use (≤ [`MAX_REWARD_COMPONENTS`]).
-    pub n_components: u8,
-    /// The scalar reward used for advantages.
-    pub total: f32,
-    /// The reward function failed (timeout, crash); `total` is then a fallback.
-    pub failed: bool,
+impl RewardOutcome {
+    /// A computed reward.
+    pub fn scored(value: f32) -> Self {
+        Self {
+            value,
+            failure: None,
+        }
+    }
+
+    /// A failed reward with its message, shortened at a character boundary to
+    /// [`MAX_REWARD_MESSAGE_BYTES`].
+    pub fn failed(message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > MAX_REWARD_MESSAGE_BYTES {
+            let mut end = MAX_REWARD_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        Self {
+            value: 0.0,
+            failure: Some(message),
+        }
+    }
+
+    /// Whether the reward could not be computed.
+    pub fn is_failed(&self) -> bool {
+        self.failure.is_some()
+    }
+
+    fn message_text(&self) -> &str {
+        self.failure.as_deref().unwrap_or("")
+    }
 }
 
 /// Wall-clock costs of producing the record.
@@ -112,12 +152,13 @@ impl Limits {
             self.max_prompt_tokens as usize,
             self.max_completion_tokens as usize,
             self.max_plan_layers as usize,
+            MAX_STOP_BYTES + MAX_REWARD_MESSAGE_BYTES,
         )
     }
 }
 
 /// A record borrowed from the caller's buffers, written into a slot without extra copies.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RecordView<'a> {
     /// Dataset id of the prompt.
     pub prompt_id: u64,
@@ -141,10 +182,12 @@ pub struct RecordView<'a> {
     pub logprobs: &'a [f32],
     /// Decoder layers that ran (the nested plan), in order.
     pub plan: &'a [u16],
-    /// Sampling parameters.
-    pub sampling: Sampling,
+    /// Sampling parameters the completion was drawn with.
+    pub sampling: SamplingParams,
+    /// Seed of the sampler's RNG stream.
+    pub seed: u64,
     /// Reward.
-    pub rewards: Rewards,
+    pub reward: RewardOutcome,
     /// Why generation stopped.
     pub finish: FinishReason,
     /// Costs.
@@ -176,10 +219,12 @@ pub struct RolloutRecord {
     pub logprobs: Vec<f32>,
     /// Decoder layers that ran.
     pub plan: Vec<u16>,
-    /// Sampling parameters.
-    pub sampling: Sampling,
+    /// Sampling parameters the completion was drawn with.
+    pub sampling: SamplingParams,
+    /// Seed of the sampler's RNG stream.
+    pub seed: u64,
     /// Reward.
-    pub rewards: Rewards,
+    pub reward: RewardOutcome,
     /// Why generation stopped.
     pub finish: FinishReason,
     /// Costs.
@@ -202,8 +247,9 @@ impl RolloutRecord {
             logprobs: &self.logprobs,
             plan: &self.plan,
             sampling: self.sampling,
-            rewards: self.rewards,
-            finish: self.finish,
+            seed: self.seed,
+            reward: self.reward.clone(),
+            finish: self.finish.clone(),
             timings: self.timings,
         }
     }
@@ -225,8 +271,9 @@ impl RecordView<'_> {
             logprobs: self.logprobs.to_vec(),
             plan: self.plan.to_vec(),
             sampling: self.sampling,
-            rewards: self.rewards,
-            finish: self.finish,
+            seed: self.seed,
+            reward: self.reward.clone(),
+            finish: self.finish.clone(),
             timings: self.timings,
         }
     }
@@ -248,15 +295,21 @@ impl RecordView<'_> {
                 completion: self.completion.len(),
             });
         }
-        if usize::from(self.rewards.n_components) > MAX_REWARD_COMPONENTS {
-            return Err(RecordError::TooMany {
-                field: "reward components",
-                count: usize::from(self.rewards.n_components),
-                max: MAX_REWARD_COMPONENTS as u32,
-            });
-        }
-        encoded_len(self.prompt.len(), self.completion.len(), self.plan.len())
-            .ok_or(RecordError::Overflow)
+        let stop = self.finish.stop_text().len();
+        check_count("stop string bytes", stop, MAX_STOP_BYTES as u32)?;
+        let message = self.reward.message_text().len();
+        check_count(
+            "reward message bytes",
+            message,
+            MAX_REWARD_MESSAGE_BYTES as u32,
+        )?;
+        encoded_len(
+            self.prompt.len(),
+            self.completion.len(),
+            self.plan.len(),
+            stop + message,
+        )
+        .ok_or(RecordError::Overflow)
     }
 }
 
@@ -295,30 +348,38 @@ pub(crate) struct RecordHeader {
     top_p: f32,
     top_k: u32,
     finish: u32,
-    failed: u32,
-    n_reward_components: u32,
-    rewards: [f32; MAX_REWARD_COMPONENTS],
-    reward_total: f32,
+    reward_failed: u32,
+    reward: f32,
     n_prompt: u32,
     n_completion: u32,
     n_plan: u32,
+    /// Bytes of the stop string (0 unless `finish` is Stop).
+    n_stop: u32,
+    /// Bytes of the reward failure message (0 unless `reward_failed` is 1).
+    n_message: u32,
     group_size: u32,
     group_index: u32,
     batch_groups: u32,
     /// Always 0 (keeps the header a multiple of 8 bytes; one encoding per record).
-    reserved: u32,
+    reserved: [u32; 2],
 }
 
 pub(crate) const RECORD_HEADER_BYTES: usize = std::mem::size_of::<RecordHeader>();
-const _: () = assert!(RECORD_HEADER_BYTES == 128);
+const _: () = assert!(RECORD_HEADER_BYTES == 120);
 
-/// Encoded size of a record with these counts, or `None` on overflow.
-pub(crate) fn encoded_len(n_prompt: usize, n_completion: usize, n_plan: usize) -> Option<usize> {
+/// Encoded size of a record with these counts (`n_text`: stop string plus reward message
+/// bytes), or `None` on overflow.
+pub(crate) fn encoded_len(
+    n_prompt: usize,
+    n_completion: usize,
+    n_plan: usize,
+    n_text: usize,
+) -> Option<usize> {
     let tokens = n_prompt
         .checked_add(n_completion.checked_mul(2)?)?
         .checked_mul(4)?;
-    let plan = n_plan.checked_mul(2)?.checked_add(3)? / 4 * 4;
-    RECORD_HEADER_BYTES.checked_add(tokens)?.checked_add(plan)
+    let tail = n_plan.checked_mul(2)?.checked_add(n_text)?.checked_add(3)? / 4 * 4;
+    RECORD_HEADER_BYTES.checked_add(tokens)?.checked_add(tail)
 }
 
 /// Byte ranges of the arrays inside an encoded record.
@@ -327,6 +388,9 @@ struct Layout {
     completion: usize,
     logprobs: usize,
     plan: usize,
+    stop: usize,
+    message: usize,
+    end: usize,
 }
 
 fn layout(h: &RecordHeader) -> Layout {
@@ -334,11 +398,16 @@ fn layout(h: &RecordHeader) -> Layout {
     let completion = prompt + 4 * h.n_prompt as usize;
     let logprobs = completion + 4 * h.n_completion as usize;
     let plan = logprobs + 4 * h.n_completion as usize;
+    let stop = plan + 2 * h.n_plan as usize;
+    let message = stop + h.n_stop as usize;
     Layout {
         prompt,
         completion,
         logprobs,
         plan,
+        stop,
+        message,
+        end: message + h.n_message as usize,
     }
 }
 
@@ -349,24 +418,24 @@ impl RecordView<'_> {
             group_id: self.group_id,
             batch_id: self.batch_id,
             policy_version: self.policy_version,
-            seed: self.sampling.seed,
+            seed: self.seed,
             generation_ns: self.timings.generation_ns,
             reward_ns: self.timings.reward_ns,
             temperature: self.sampling.temperature,
             top_p: self.sampling.top_p,
             top_k: self.sampling.top_k,
-            finish: self.finish as u32,
-            failed: u32::from(self.rewards.failed),
-            n_reward_components: u32::from(self.rewards.n_components),
-            rewards: self.rewards.components,
-            reward_total: self.rewards.total,
+            finish: self.finish.code(),
+            reward_failed: u32::from(self.reward.is_failed()),
+            reward: self.reward.value,
             n_prompt: self.prompt.len() as u32,
             n_completion: self.completion.len() as u32,
             n_plan: self.plan.len() as u32,
+            n_stop: self.finish.stop_text().len() as u32,
+            n_message: self.reward.message_text().len() as u32,
             group_size: self.group_size,
             group_index: self.group_index,
             batch_groups: self.batch_groups,
-            reserved: 0,
+            reserved: [0; 2],
         }
     }
 
@@ -379,13 +448,22 @@ impl RecordView<'_> {
         let header = self.header();
         let l = layout(&header);
         let hbytes = as_bytes(&header);
-        let parts: [&[u8]; 4] = [
+        let parts: [&[u8]; 6] = [
             slice_bytes(self.prompt),
             slice_bytes(self.completion),
             slice_bytes(self.logprobs),
             slice_bytes(self.plan),
+            self.finish.stop_text().as_bytes(),
+            self.reward.message_text().as_bytes(),
         ];
-        let offsets = [l.prompt, l.completion, l.logprobs, l.plan];
+        let offsets = [
+            l.prompt,
+            l.completion,
+            l.logprobs,
+            l.plan,
+            l.stop,
+            l.message,
+        ];
         // SAFETY: (all copies) the caller guarantees `dst..dst+len` is writable and exclusive;
         // `layout` places every part inside `len` because `len == encoded_len(counts)`.
         unsafe { std::ptr::copy_nonoverlapping(hbytes.as_ptr(), dst, hbytes.len()) };
@@ -394,11 +472,11 @@ impl RecordView<'_> {
             // SAFETY: see above.
             crc = unsafe { copy_with_crc(part.as_ptr(), dst.add(off), part.len(), crc) };
         }
-        let pad = len - (l.plan + parts[3].len());
+        let pad = len - l.end;
         if pad > 0 {
             let zeros = [0u8; 4];
-            // SAFETY: the padding lies inside `len` (encoded_len rounds the plan up to 4).
-            unsafe { std::ptr::write_bytes(dst.add(l.plan + parts[3].len()), 0, pad) };
+            // SAFETY: the padding lies inside `len` (encoded_len rounds the tail up to 4).
+            unsafe { std::ptr::write_bytes(dst.add(l.end), 0, pad) };
             crc = crc32c_append(crc, &zeros[..pad]);
         }
         crc
@@ -420,7 +498,8 @@ fn slice_bytes<T: Copy>(s: &[T]) -> &[u8] {
 
 /// A record decoded in place: from the consumer's private copy of a slot, or, for the
 /// in-place pops, from the verified slot itself (which stays reserved while this lives).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Only the two short texts (a stop string, a reward failure message) are copied out.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RecordRef<'a> {
     view: RecordView<'a>,
 }
@@ -459,27 +538,43 @@ pub fn decode_record<'a>(bytes: &'a [u8], limits: &Limits) -> Result<RecordRef<'
         limits.max_completion_tokens,
     )?;
     check_count("plan", h.n_plan as usize, limits.max_plan_layers)?;
-    if h.n_reward_components as usize > MAX_REWARD_COMPONENTS {
-        return Err(RecordError::TooMany {
-            field: "reward components",
-            count: h.n_reward_components as usize,
-            max: MAX_REWARD_COMPONENTS as u32,
-        });
+    check_count(
+        "stop string bytes",
+        h.n_stop as usize,
+        MAX_STOP_BYTES as u32,
+    )?;
+    check_count(
+        "reward message bytes",
+        h.n_message as usize,
+        MAX_REWARD_MESSAGE_BYTES as u32,
+    )?;
+    if !matches!(h.finish, 1..=3) {
+        return Err(RecordError::BadFinishReason(h.finish));
     }
-    let finish = FinishReason::from_u32(h.finish).ok_or(RecordError::BadFinishReason(h.finish))?;
+    if h.finish != 3 && h.n_stop != 0 {
+        return Err(RecordError::StrayText(
+            "a stop string without a Stop finish",
+        ));
+    }
     check_group(h.group_size, h.group_index, h.batch_groups)?;
-    if h.reserved != 0 {
-        return Err(RecordError::NonZeroReserved(h.reserved));
+    if let Some(&r) = h.reserved.iter().find(|&&r| r != 0) {
+        return Err(RecordError::NonZeroReserved(r));
     }
-    let failed = match h.failed {
+    let failed = match h.reward_failed {
         0 => false,
         1 => true,
         other => return Err(RecordError::BadFlag(other)),
     };
+    if !failed && h.n_message != 0 {
+        return Err(RecordError::StrayText(
+            "a reward failure message on a computed reward",
+        ));
+    }
     let len = encoded_len(
         h.n_prompt as usize,
         h.n_completion as usize,
         h.n_plan as usize,
+        h.n_stop as usize + h.n_message as usize,
     )
     .ok_or(RecordError::Overflow)?;
     if len != bytes.len() {
@@ -489,11 +584,25 @@ pub fn decode_record<'a>(bytes: &'a [u8], limits: &Limits) -> Result<RecordRef<'
         });
     }
     let l = layout(&h);
-    // The plan's padding must be zero, so that every accepted record has one encoding.
-    let pad_start = l.plan + 2 * h.n_plan as usize;
-    if bytes[pad_start..].iter().any(|&b| b != 0) {
+    // The tail's padding must be zero, so that every accepted record has one encoding.
+    if bytes[l.end..].iter().any(|&b| b != 0) {
         return Err(RecordError::NonZeroPadding);
     }
+    let text = |range: std::ops::Range<usize>, what: &'static str| {
+        std::str::from_utf8(&bytes[range]).map_err(|_| RecordError::BadText(what))
+    };
+    let finish = match h.finish {
+        1 => FinishReason::Eos,
+        2 => FinishReason::Length,
+        _ => FinishReason::Stop(text(l.stop..l.message, "stop string")?.to_owned()),
+    };
+    let reward = RewardOutcome {
+        value: h.reward,
+        failure: match failed {
+            true => Some(text(l.message..l.end, "reward failure message")?.to_owned()),
+            false => None,
+        },
+    };
     // SAFETY: (all four) `len == bytes.len()` proves every array lies inside `bytes`; the base
     // is 4-byte aligned and every offset is a multiple of 4, so the u32/f32/u16 views are
     // aligned; any bit pattern is a valid u32, f32 or u16; the borrow ties them to `bytes`.
@@ -519,18 +628,13 @@ pub fn decode_record<'a>(bytes: &'a [u8], limits: &Limits) -> Result<RecordRef<'
                 h.n_completion as usize,
             ),
             plan: std::slice::from_raw_parts(bytes.as_ptr().add(l.plan).cast(), h.n_plan as usize),
-            sampling: Sampling {
+            sampling: SamplingParams {
                 temperature: h.temperature,
                 top_p: h.top_p,
                 top_k: h.top_k,
-                seed: h.seed,
             },
-            rewards: Rewards {
-                components: h.rewards,
-                n_components: h.n_reward_components as u8,
-                total: h.reward_total,
-                failed,
-            },
+            seed: h.seed,
+            reward,
             finish,
             timings: Timings {
                 generation_ns: h.generation_ns,

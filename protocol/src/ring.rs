@@ -25,7 +25,7 @@ use crate::sync::{atomic_u64_at, AtomicU64, Ordering};
 /// Magic of a ring segment ("NRFTRING").
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"NRFTRING");
 /// Layout version of the ring segment and record encoding.
-pub const RING_LAYOUT_VERSION: u32 = 3;
+pub const RING_LAYOUT_VERSION: u32 = 4;
 
 const EXT: &str = "ring";
 const OFF_GENERATION: usize = 40;
@@ -187,8 +187,8 @@ pub fn parse_ring_header(
 /// ```
 /// use std::time::Duration;
 /// use protocol::{
-///     Descriptor, FinishReason, Limits, OpenError, PopError, PushError, Rewards,
-///     RolloutRecord, RolloutRing, Sampling, Timings,
+///     Descriptor, FinishReason, Limits, OpenError, PopError, PushError, RewardOutcome,
+///     RolloutRecord, RolloutRing, SamplingParams, Timings,
 /// };
 ///
 /// let dir = tempfile::tempdir()?;
@@ -209,13 +209,9 @@ pub fn parse_ring_header(
 ///     completion: vec![7, 8],
 ///     logprobs: vec![-0.5, -1.25],
 ///     plan: vec![0, 2, 3],
-///     sampling: Sampling { temperature: 0.7, top_p: 1.0, top_k: 0, seed: i },
-///     rewards: Rewards {
-///         components: [1.0, 0.0, 0.0, 0.0],
-///         n_components: 1,
-///         total: 1.0,
-///         failed: false,
-///     },
+///     sampling: SamplingParams::temperature(0.7),
+///     seed: i,
+///     reward: RewardOutcome::scored(1.0),
 ///     finish: FinishReason::Eos,
 ///     timings: Timings::default(),
 /// };

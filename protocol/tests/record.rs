@@ -62,13 +62,13 @@ fn decoding_checks_counts_lengths_and_codes() {
     assert!(matches!(
         decode_record(as_bytes(&buf, 50), &limits),
         Err(RecordError::Truncated {
-            needed: 128,
+            needed: 120,
             found: 50
         })
     ));
-    // A prompt count beyond the limit (offset 100 = n_prompt).
+    // A prompt count beyond the limit (offset 80 = n_prompt).
     let mut bad = bytes.clone();
-    bad[100..104].copy_from_slice(&65u32.to_le_bytes());
+    bad[80..84].copy_from_slice(&65u32.to_le_bytes());
     let b = aligned(&bad);
     assert!(matches!(
         decode_record(as_bytes(&b, bad.len()), &limits),
@@ -80,7 +80,7 @@ fn decoding_checks_counts_lengths_and_codes() {
     ));
     // A count within limits but inconsistent with the payload size.
     let mut bad = bytes.clone();
-    bad[100..104].copy_from_slice(&1u32.to_le_bytes());
+    bad[80..84].copy_from_slice(&1u32.to_le_bytes());
     let b = aligned(&bad);
     assert!(matches!(
         decode_record(as_bytes(&b, bad.len()), &limits),
@@ -94,9 +94,9 @@ fn decoding_checks_counts_lengths_and_codes() {
         decode_record(as_bytes(&b, bad.len()), &limits),
         Err(RecordError::BadFinishReason(99))
     );
-    // Group index beyond the group size (offset 116 = group_index, 112 = group_size).
+    // Group index beyond the group size (offset 104 = group_index, 100 = group_size).
     let mut bad = bytes.clone();
-    bad[116..120].copy_from_slice(&4u32.to_le_bytes());
+    bad[104..108].copy_from_slice(&4u32.to_le_bytes());
     let b = aligned(&bad);
     assert_eq!(
         decode_record(as_bytes(&b, bad.len()), &limits),
@@ -106,14 +106,16 @@ fn decoding_checks_counts_lengths_and_codes() {
             batch_groups: 4
         })
     );
-    // A non-zero reserved word (offset 124) is refused, so every record has one encoding.
-    let mut bad = bytes.clone();
-    bad[124..128].copy_from_slice(&1u32.to_le_bytes());
-    let b = aligned(&bad);
-    assert_eq!(
-        decode_record(as_bytes(&b, bad.len()), &limits),
-        Err(RecordError::NonZeroReserved(1))
-    );
+    // A non-zero reserved word (offsets 112, 116) is refused, so every record has one encoding.
+    for at in [112, 116] {
+        let mut bad = bytes.clone();
+        bad[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+        let b = aligned(&bad);
+        assert_eq!(
+            decode_record(as_bytes(&b, bad.len()), &limits),
+            Err(RecordError::NonZeroReserved(1))
+        );
+    }
     // Writing refuses an inconsistent group too.
     let mut rec0 = common::record(3);
     rec0.group_size = 0;
@@ -158,4 +160,66 @@ fn plan_entries_carry_block_flags_and_reject_both() {
         decode_record(as_bytes(&buf, bytes.len()), &limits).err(),
         Some(RecordError::BadPlanEntry(both))
     );
+}
+
+#[test]
+fn stop_strings_and_reward_failures_round_trip_and_are_checked() {
+    use protocol::{FinishReason, RewardOutcome, MAX_REWARD_MESSAGE_BYTES, MAX_STOP_BYTES};
+    let limits = common::desc(4).limits;
+    // Record 10 has a failed reward (10 % 5 == 0); give it a stop string too.
+    let mut rec = common::record(10);
+    rec.finish = FinishReason::Stop("\n\nQ:".into());
+    assert!(rec.reward.is_failed());
+    let bytes = encode_record(&rec.as_view(), &limits).expect("encode");
+    let buf = aligned(&bytes);
+    let back = decode_record(as_bytes(&buf, bytes.len()), &limits).expect("decode");
+    assert_eq!(back.view().finish, rec.finish);
+    assert_eq!(back.view().reward, rec.reward);
+
+    // A message on a computed reward (flag at offset 72 cleared) is refused.
+    let mut bad = bytes.clone();
+    bad[72..76].copy_from_slice(&0u32.to_le_bytes());
+    let b = aligned(&bad);
+    assert!(matches!(
+        decode_record(as_bytes(&b, bad.len()), &limits),
+        Err(RecordError::StrayText(_))
+    ));
+    // A stop string under an Eos finish (offset 68) is refused.
+    let mut bad = bytes.clone();
+    bad[68..72].copy_from_slice(&1u32.to_le_bytes());
+    let b = aligned(&bad);
+    assert!(matches!(
+        decode_record(as_bytes(&b, bad.len()), &limits),
+        Err(RecordError::StrayText(_))
+    ));
+    // Invalid UTF-8 in the stop string (the first text byte follows the plan).
+    let plan_end = 120 + 4 * (rec.prompt.len() + 2 * rec.completion.len()) + 2 * rec.plan.len();
+    let mut bad = bytes.clone();
+    bad[plan_end] = 0xFF;
+    let b = aligned(&bad);
+    assert_eq!(
+        decode_record(as_bytes(&b, bad.len()), &limits),
+        Err(RecordError::BadText("stop string"))
+    );
+
+    // Writing: a long message is shortened at a character boundary; a long stop string is
+    // refused.
+    let long = RewardOutcome::failed("é".repeat(MAX_REWARD_MESSAGE_BYTES));
+    let msg = long.failure.as_deref().unwrap_or_default();
+    assert_eq!(msg.len(), MAX_REWARD_MESSAGE_BYTES);
+    let mut rec = common::record(3);
+    rec.reward = long.clone();
+    let bytes = encode_record(&rec.as_view(), &limits).expect("encode");
+    let buf = aligned(&bytes);
+    let back = decode_record(as_bytes(&buf, bytes.len()), &limits).expect("decode");
+    assert_eq!(back.view().reward, long);
+    assert!(bytes.len() <= limits.max_record_bytes().unwrap_or(0));
+    rec.finish = FinishReason::Stop("x".repeat(MAX_STOP_BYTES + 1));
+    assert!(matches!(
+        encode_record(&rec.as_view(), &limits),
+        Err(RecordError::TooMany {
+            field: "stop string bytes",
+            ..
+        })
+    ));
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 /// Why one sample could not be scored.
 ///
 /// A failed sample is never a silent zero: callers count it and decide (the rollout server
-/// drops it from the group and logs it). The enum is `Clone` so that a batch-level failure
+/// records it as a failed reward outcome carrying this message and logs each distinct message
+/// once; the learner leaves the sample's group out). The enum is `Clone` so that a batch-level failure
 /// (a module that timed out) can be reported for every sample of the batch.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]

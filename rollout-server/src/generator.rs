@@ -6,10 +6,10 @@
 
 use crate::dataset::{CursorState, DataCursor, Dataset, Problem};
 use model::{
-    generate, stream_seed, AdaptivePolicy, ChatMessage, Decoder, FinishReason as ModelFinish,
-    GenerationConfig, LayerPlan, PlanSampler, PlanSpec, Sampling, Tokenizer,
+    generate, stream_seed, AdaptivePolicy, ChatMessage, Decoder, FinishReason, GenerationConfig,
+    LayerPlan, PlanSampler, PlanSpec, Sampling, Tokenizer,
 };
-use protocol::{FinishReason, Rewards, RolloutRecord, Timings};
+use protocol::{RewardOutcome, RolloutRecord, SamplingParams, Timings};
 use rewards::{Reward, Sample};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -43,11 +43,11 @@ pub struct GeneratorConfig {
     /// Token limit of a completion.
     pub max_new_tokens: usize,
     /// Sampling temperature (> 0; the learner must score at the same one).
-    pub temperature: f64,
-    /// Nucleus mass; below 1 the importance weights are no longer unbiased.
-    pub top_p: f64,
-    /// Top-k cut-off (0: off); on, the importance weights are no longer unbiased.
-    pub top_k: usize,
+    pub temperature: f32,
+    /// Nucleus mass; must stay 1 for training (see [`GeneratorConfig::validate`]).
+    pub top_p: f32,
+    /// Top-k cut-off; must stay 0 (off) for training (see [`GeneratorConfig::validate`]).
+    pub top_k: u32,
     /// Optional system message of the chat template.
     pub system_prompt: Option<String>,
     /// Appended to every question (after a blank line) in the user message.
@@ -73,7 +73,10 @@ impl Default for GeneratorConfig {
 }
 
 impl GeneratorConfig {
-    /// Checks every value.
+    /// Checks every value. Truncated sampling (`top_p < 1` or `top_k > 0`) is refused: the
+    /// learner's importance ratios compare the target's full tempered softmax with the
+    /// behavior's, which truncation would make wrong (generation and evaluation outside
+    /// training may still truncate).
     pub fn validate(self) -> Result<Self, GeneratorError> {
         let bad = |m: String| Err(GeneratorError::InvalidConfig(m));
         if self.prompts_per_batch == 0 {
@@ -88,13 +91,21 @@ impl GeneratorConfig {
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens must be at least 1".into());
         }
-        self.sampling().validate()?;
+        let params = self.sampling_params();
+        Sampling::Sample(params).validate()?;
+        if params.is_truncated() {
+            return bad(format!(
+                "top_p {} / top_k {}: truncated sampling cannot train (the importance ratios \
+                 compare full tempered softmaxes); use top_p = 1 and top_k = 0",
+                self.top_p, self.top_k
+            ));
+        }
         Ok(self)
     }
 
-    /// The sampling this configuration asks for.
-    pub fn sampling(&self) -> Sampling {
-        Sampling::Sample {
+    /// The sampling parameters this configuration asks for.
+    pub fn sampling_params(&self) -> SamplingParams {
+        SamplingParams {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
@@ -119,10 +130,13 @@ pub struct GenerationStats {
     pub mean_completion_tokens: f64,
     /// Fraction of completions cut at `max_new_tokens`.
     pub truncated_frac: f64,
-    /// Samples whose reward failed; their groups are dropped.
+    /// Samples whose reward failed (their records carry the failure; the learner drops their
+    /// groups).
     pub reward_failures: usize,
-    /// Groups dropped because a member's reward failed.
-    pub dropped_groups: usize,
+    /// Reward failure messages first seen in this batch (each distinct message is reported
+    /// once per generator; later occurrences are only counted).
+    #[serde(skip)]
+    pub new_reward_failures: Vec<String>,
 }
 
 /// One batch of complete groups, generated under one plan.
@@ -170,6 +184,8 @@ pub struct Generator {
     adaptive: Option<AdaptivePolicy>,
     /// The adaptive set each recent batch was generated with, to credit the learner's KL.
     recent_sets: std::collections::VecDeque<(u64, usize)>,
+    /// Every reward failure message seen, with how often.
+    reward_failures: std::collections::HashMap<String, u64>,
 }
 
 impl std::fmt::Debug for Generator {
@@ -212,6 +228,7 @@ impl Generator {
             next_batch_id: 0,
             adaptive,
             recent_sets: Default::default(),
+            reward_failures: Default::default(),
         })
     }
 
@@ -237,6 +254,11 @@ impl Generator {
             cursor: self.cursor.state(),
             adaptive: self.adaptive.clone(),
         }
+    }
+
+    /// Every distinct reward failure message seen so far, with how often it occurred.
+    pub fn reward_failures(&self) -> &std::collections::HashMap<String, u64> {
+        &self.reward_failures
     }
 
     /// The adaptive policy, when the plan strategy is adaptive.
@@ -313,7 +335,7 @@ impl Generator {
         }
         let seed = stream_seed(self.cfg.seed, batch_id, u64::MAX);
         let gen_cfg = GenerationConfig {
-            sampling: self.cfg.sampling(),
+            sampling: Sampling::Sample(self.cfg.sampling_params()),
             max_new_tokens: self.cfg.max_new_tokens,
             group_size: self.cfg.group_size,
             seed,
@@ -357,7 +379,7 @@ impl Generator {
             truncated_frac: out
                 .completions
                 .iter()
-                .filter(|c| c.finish == ModelFinish::Length)
+                .filter(|c| c.finish == FinishReason::Length)
                 .count() as f64
                 / n as f64,
             ..GenerationStats::default()
@@ -368,28 +390,33 @@ impl Generator {
             }
             _ => None,
         };
-        let complete: Vec<usize> = (0..problems.len())
-            .filter(|&p| {
-                let failed = scores[p * g..(p + 1) * g]
-                    .iter()
-                    .filter(|s| s.is_err())
-                    .count();
-                stats.reward_failures += failed;
-                failed == 0
+        // A failed reward becomes a failed outcome with its message: the record carries it and
+        // the learner leaves the group out (never a silent 0).
+        let outcomes: Vec<RewardOutcome> = scores
+            .iter()
+            .map(|s| match s {
+                Ok(score) => RewardOutcome::scored(score.value as f32),
+                Err(e) => RewardOutcome::failed(e.to_string()),
             })
             .collect();
-        stats.dropped_groups = problems.len() - complete.len();
-        let batch_groups = complete.len() as u32;
-        let mut groups = Vec::with_capacity(complete.len());
-        for p in complete {
-            let problem = &problems[p];
+        for msg in outcomes.iter().filter_map(|o| o.failure.as_deref()) {
+            stats.reward_failures += 1;
+            let seen = self.reward_failures.entry(msg.to_owned()).or_insert(0);
+            if *seen == 0 {
+                stats.new_reward_failures.push(msg.to_owned());
+            }
+            *seen += 1;
+        }
+        let batch_groups = problems.len() as u32;
+        let mut groups = Vec::with_capacity(problems.len());
+        for (p, problem) in problems.iter().enumerate() {
             let members = &out.completions[p * g..(p + 1) * g];
-            let member_scores = &scores[p * g..(p + 1) * g];
+            let member_rewards = &outcomes[p * g..(p + 1) * g];
             let group_id = batch_id * self.cfg.prompts_per_batch as u64 + p as u64;
             let group = members
                 .iter()
-                .zip(member_scores.iter().flatten())
-                .map(|(c, score)| RolloutRecord {
+                .zip(member_rewards)
+                .map(|(c, reward)| RolloutRecord {
                     prompt_id: problem_id(problem),
                     group_id,
                     batch_id,
@@ -401,23 +428,10 @@ impl Generator {
                     completion: c.tokens.clone(),
                     logprobs: c.logprobs.clone(),
                     plan: plan_u16.clone(),
-                    sampling: protocol::Sampling {
-                        temperature: self.cfg.temperature as f32,
-                        top_p: self.cfg.top_p as f32,
-                        top_k: self.cfg.top_k as u32,
-                        seed: stream_seed(seed, c.prompt_index as u64, c.sample_index as u64),
-                    },
-                    rewards: Rewards {
-                        components: [score.value as f32, 0.0, 0.0, 0.0],
-                        n_components: 1,
-                        total: score.value as f32,
-                        failed: false,
-                    },
-                    finish: match c.finish {
-                        ModelFinish::Eos => FinishReason::Eos,
-                        ModelFinish::Stop(_) => FinishReason::Stop,
-                        ModelFinish::Length => FinishReason::Length,
-                    },
+                    sampling: self.cfg.sampling_params(),
+                    seed: stream_seed(seed, c.prompt_index as u64, c.sample_index as u64),
+                    reward: reward.clone(),
+                    finish: c.finish.clone(),
                     timings: Timings {
                         generation_ns: gen_ns / n as u64,
                         reward_ns: (reward_s * 1e9) as u64 / n as u64,

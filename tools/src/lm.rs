@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use model::{
     completion_logprobs, generate as run_generation, ChatMessage, GenerationConfig, Kernels,
-    LayerPlan, LoadedModel, Sampling, ScoreRequest,
+    LayerPlan, LoadedModel, Sampling, SamplingParams, ScoreRequest,
 };
 use serde_json::json;
 
@@ -36,13 +36,13 @@ pub struct GenerateArgs {
     max_new_tokens: usize,
     /// Sampling temperature; 0 means greedy.
     #[arg(long, default_value_t = 0.7)]
-    temperature: f64,
+    temperature: f32,
     /// Nucleus sampling mass (1 disables it).
     #[arg(long, default_value_t = 1.0)]
-    top_p: f64,
+    top_p: f32,
     /// Keep only the k most likely tokens (0 disables it).
     #[arg(long, default_value_t = 0)]
-    top_k: usize,
+    top_k: u32,
     /// Completions to sample for the prompt (one batch).
     #[arg(long, short = 'n', default_value_t = 1)]
     num_samples: usize,
@@ -82,11 +82,11 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let sampling = if args.temperature == 0.0 {
         Sampling::Greedy
     } else {
-        Sampling::Sample {
+        Sampling::Sample(SamplingParams {
             temperature: args.temperature,
             top_p: args.top_p,
             top_k: args.top_k,
-        }
+        })
     };
     let cfg = GenerationConfig {
         sampling,

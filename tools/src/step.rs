@@ -37,16 +37,25 @@ pub fn behavior_model(weights: &Decoder, format: WeightFormat) -> Result<Option<
 }
 
 /// Draws the next batch's plan, generates its completions with `behavior` (weights of policy
-/// version `version`), scores them and returns the complete groups as records.
+/// version `version`), scores them and returns the groups as records. A reward failure is
+/// logged the first time its message is seen; after that it is only counted (the learner's
+/// `failed_rewards` and `failed_reward_groups` metrics).
 pub fn generate(
     generator: &mut Generator,
     behavior: &Decoder,
     version: u64,
 ) -> Result<RolloutBatch> {
     let batch_id = generator.state().next_batch_id;
-    generator
+    let batch = generator
         .next_batch(behavior, version)
-        .with_context(|| format!("while generating batch {batch_id}"))
+        .with_context(|| format!("while generating batch {batch_id}"))?;
+    for message in &batch.stats.new_reward_failures {
+        tracing::warn!(
+            "batch {batch_id}: the reward failed on a sample: {message} (its group is not \
+             trained on; later failures with this message are only counted)"
+        );
+    }
+    Ok(batch)
 }
 
 /// One update of the target on a batch's complete groups.
@@ -125,7 +134,7 @@ impl SampleLine {
             completion: tokenizer
                 .decode(&rec.completion, true)
                 .context("while decoding a sample's completion")?,
-            reward: rec.rewards.total,
+            reward: rec.reward.value,
         }))
     }
 }

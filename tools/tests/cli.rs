@@ -108,7 +108,15 @@ fn greedy_generation_is_reproducible_and_reports_json() {
 
 #[test]
 fn bad_input_fails_with_a_clear_message() {
+    // Truncated sampling cannot train: refused when the config is read, naming the reason.
+    let truncated = std::env::temp_dir().join(format!("cli-top-p-{}.toml", std::process::id()));
+    std::fs::write(&truncated, "[generator]\ntop_p = 0.9\n").unwrap();
+    let truncated = truncated.to_str().unwrap().to_owned();
     for (args, needle) in [
+        (
+            vec!["train", "--config", truncated.as_str()],
+            "truncated sampling cannot train",
+        ),
         (
             vec!["generate", "--prompt", "x", "--skip-layers", "5,99"],
             "cannot skip layer 99",
@@ -145,6 +153,7 @@ fn bad_input_fails_with_a_clear_message() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+    let _ = std::fs::remove_file(&truncated);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use learner::{BatchGradient, Learner, UpdateConfig};
 use model::{Architecture, Decoder, ModelConfig, Weights};
-use protocol::{FinishReason, Rewards, RolloutRecord, Sampling, Timings};
+use protocol::{FinishReason, RewardOutcome, RolloutRecord, SamplingParams, Timings};
 
 /// A tiny random Llama decoder (`vocab` tokens, `layers` layers) in `dtype`, trainable.
 pub fn tiny(vocab: usize, layers: usize, seed: u64, dtype: DType) -> Decoder {
@@ -45,18 +45,9 @@ pub fn record(
         completion: completion.to_vec(),
         logprobs: logprobs.to_vec(),
         plan: Vec::new(),
-        sampling: Sampling {
-            temperature,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-        },
-        rewards: Rewards {
-            components: [reward, 0.0, 0.0, 0.0],
-            n_components: 1,
-            total: reward,
-            failed: false,
-        },
+        sampling: SamplingParams::temperature(temperature),
+        seed: 0,
+        reward: RewardOutcome::scored(reward),
         finish: FinishReason::Length,
         timings: Timings::default(),
     }

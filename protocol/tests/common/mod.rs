@@ -1,7 +1,9 @@
 #![allow(dead_code)]
 //! Shared helpers for the protocol tests.
 
-use protocol::{Descriptor, FinishReason, Limits, Rewards, RolloutRecord, Sampling, Timings};
+use protocol::{
+    Descriptor, FinishReason, Limits, RewardOutcome, RolloutRecord, SamplingParams, Timings,
+};
 
 pub fn desc(capacity: u32) -> Descriptor {
     Descriptor {
@@ -30,22 +32,21 @@ pub fn record(i: u64) -> RolloutRecord {
         completion: (0..nc).map(|t| t ^ (i as u32)).collect(),
         logprobs: (0..nc).map(|t| -(t as f32) * 0.25 - i as f32).collect(),
         plan: (0..(i % 30) as u16).collect(),
-        sampling: Sampling {
+        sampling: SamplingParams {
             temperature: 0.7,
-            top_p: 1.0,
-            top_k: 0,
-            seed: i * 31,
+            top_p: if i % 4 == 1 { 0.9 } else { 1.0 },
+            top_k: (i % 3) as u32 * 20,
         },
-        rewards: Rewards {
-            components: [i as f32, 0.5, -1.0, 0.0],
-            n_components: 3,
-            total: i as f32 * 0.5,
-            failed: i % 5 == 0,
-        },
-        finish: if i % 2 == 0 {
-            FinishReason::Eos
+        seed: i * 31,
+        reward: if i.is_multiple_of(5) {
+            RewardOutcome::failed(format!("sample {i}: the module exited (é)"))
         } else {
-            FinishReason::Length
+            RewardOutcome::scored(i as f32 * 0.5)
+        },
+        finish: match i % 3 {
+            0 => FinishReason::Eos,
+            1 => FinishReason::Length,
+            _ => FinishReason::Stop(format!("</{i}>")),
         },
         timings: Timings {
             generation_ns: i * 1000,

@@ -61,7 +61,7 @@ pub struct EvalArgs {
     samples: usize,
     /// Sampling temperature; 0 is greedy [default: 0 with one sample, 0.7 with --samples > 1].
     #[arg(long, value_name = "T")]
-    temperature: Option<f64>,
+    temperature: Option<f32>,
     /// Token limit of a completion [default: 64 for arithmetic, 256 for GSM8K and files].
     #[arg(long, value_name = "N")]
     max_new_tokens: Option<usize>,
@@ -246,7 +246,7 @@ struct OutputFile {
     checkpoint_version: Option<u64>,
     training_config: Option<PathBuf>,
     reward: RewardSpec,
-    temperature: f64,
+    temperature: f32,
     samples: usize,
     seed: u64,
     batch: usize,
@@ -424,7 +424,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 fn describe_decoding(cfg: &EvalConfig) -> String {
     let how = match cfg.sampling {
         Sampling::Greedy => "greedy".to_string(),
-        Sampling::Sample { temperature, .. } => format!("temperature {temperature}"),
+        Sampling::Sample(p) => format!("temperature {}", p.temperature),
     };
     format!(
         "({how}, {} completion(s) per problem, batches of {})",

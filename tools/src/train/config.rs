@@ -295,7 +295,7 @@ pub struct TrainArgs {
     pub max_new_tokens: Option<usize>,
     /// Sampling temperature; the target is scored at the same one [default: 0.7].
     #[arg(long, env = "NESTED_REFT_TEMPERATURE")]
-    pub temperature: Option<f64>,
+    pub temperature: Option<f32>,
     /// Peak learning rate of AdamW [default: 3e-5].
     #[arg(long, env = "NESTED_REFT_LR")]
     pub lr: Option<f64>,
@@ -563,13 +563,28 @@ fn validate(f: &mut TrainFile) -> Result<()> {
     // The plan section was checked when it was read (the profile itself is read when the
     // model is known).
     f.generator.seed = f.seed;
-    if (f.generator.temperature - f.update.temperature).abs() > 1e-9 {
-        bail!(
-            "generator.temperature ({}) and update.temperature ({}) differ: the learner must \
-             score the target at the temperature the behavior sampled with",
-            f.generator.temperature,
-            f.update.temperature
-        );
+    // Truncated sampling is refused here, at the edge, with the generator's reason.
+    f.generator = f
+        .generator
+        .clone()
+        .validate()
+        .context("while checking the [generator] section")?;
+    let (g, u) = (f.generator.sampling_params(), &f.update);
+    for (name, gv, uv) in [
+        (
+            "temperature",
+            g.temperature.to_string(),
+            u.temperature.to_string(),
+        ),
+        ("top_p", g.top_p.to_string(), u.top_p.to_string()),
+        ("top_k", g.top_k.to_string(), u.top_k.to_string()),
+    ] {
+        if gv != uv {
+            bail!(
+                "generator.{name} ({gv}) and update.{name} ({uv}) differ: the learner must \
+                 score the target with the sampling the behavior used"
+            );
+        }
     }
     if f.update.optim.total_steps == 0 {
         // The schedule counts optimizer steps: `epochs` per training step.
