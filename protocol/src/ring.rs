@@ -424,23 +424,57 @@ impl Mapped {
             .store(monotonic_ns(), Ordering::Relaxed);
     }
 
-    /// What the ring shows of the role whose lock is `byte`.
-    fn liveness(&self, byte: u64, heartbeat: usize, pid: usize) -> Liveness {
-        // Relaxed: diagnostic words (see `mark_holder`).
-        let beat = self.word(heartbeat).load(Ordering::Relaxed);
-        let pid = self.word(pid).load(Ordering::Relaxed);
-        Liveness {
-            held: self.alive(byte),
-            pid: u32::try_from(pid).ok().filter(|&p| p != 0),
-            silent: Duration::from_nanos(monotonic_ns().saturating_sub(beat)),
-        }
+    /// What the ring shows of the role `side`.
+    fn liveness(&self, side: Side) -> Liveness {
+        liveness(&self.seg, side)
     }
 
-    fn heartbeat(&self, heartbeat: usize) -> Heartbeat {
+    fn heartbeat(&self, own: Side, peer: Side) -> Heartbeat {
         Heartbeat {
             seg: Arc::clone(&self.seg),
-            offset: heartbeat,
+            own,
+            peer,
         }
+    }
+}
+
+/// A role's words in the header: its lock byte, heartbeat and pid.
+#[derive(Debug, Clone, Copy)]
+struct Side {
+    lock: u64,
+    heartbeat: usize,
+    pid: usize,
+}
+
+const PRODUCER: Side = Side {
+    lock: PRODUCER_LOCK_BYTE,
+    heartbeat: OFF_PRODUCER_HEARTBEAT,
+    pid: OFF_PRODUCER_PID,
+};
+const CONSUMER: Side = Side {
+    lock: CONSUMER_LOCK_BYTE,
+    heartbeat: OFF_CONSUMER_HEARTBEAT,
+    pid: OFF_CONSUMER_PID,
+};
+
+/// A header word of `seg` (a fixed, 8-aligned offset inside the first page).
+fn header_word(seg: &Segment, offset: usize) -> &AtomicU64 {
+    debug_assert!(offset % 8 == 0 && offset + 8 <= SLOTS_OFFSET);
+    // SAFETY: every caller passes one of the fixed header offsets above, inside the checked
+    // segment that `seg` keeps mapped; those words are only accessed atomically.
+    unsafe { atomic_u64_at(seg.ptr().add(offset).cast()) }
+}
+
+fn liveness(seg: &Segment, side: Side) -> Liveness {
+    // Relaxed: diagnostic words (see `Mapped::mark_holder`).
+    let beat = header_word(seg, side.heartbeat).load(Ordering::Relaxed);
+    let pid = header_word(seg, side.pid).load(Ordering::Relaxed);
+    Liveness {
+        // An error here (should not happen on a valid fd) is treated as "held": we never
+        // report a peer gone without the kernel's word for it.
+        held: seg.byte_locked_by_other(side.lock).unwrap_or(true),
+        pid: u32::try_from(pid).ok().filter(|&p| p != 0),
+        silent: Duration::from_nanos(monotonic_ns().saturating_sub(beat)),
     }
 }
 
@@ -457,25 +491,27 @@ pub struct Liveness {
     pub silent: Duration,
 }
 
-/// A handle that beats one side's heartbeat word, for a thread of its own: the side's work
-/// (a generation, a training step) may take longer than the peer's patience, so liveness is
-/// beaten apart from progress. A stopped process (SIGSTOP) stops all its threads, and so its
-/// beats.
+/// A handle that beats one side's heartbeat word and watches the other side's, for a thread
+/// of its own: the side's work (a generation, a training step) may take longer than the peer's
+/// patience, so liveness is beaten and watched apart from progress. A stopped process
+/// (SIGSTOP) stops all its threads, and so its beats.
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     seg: Arc<Segment>,
-    offset: usize,
+    own: Side,
+    peer: Side,
 }
 
 impl Heartbeat {
     /// Records "alive now".
     pub fn beat(&self) {
-        // SAFETY: `offset` is one of the fixed, 8-aligned heartbeat words inside the header page
-        // of the checked segment, which `seg` keeps mapped; the word is only accessed
-        // atomically.
-        let word = unsafe { atomic_u64_at(self.seg.ptr().add(self.offset).cast()) };
         // Relaxed: a diagnostic timestamp; no data depends on it.
-        word.store(monotonic_ns(), Ordering::Relaxed);
+        header_word(&self.seg, self.own.heartbeat).store(monotonic_ns(), Ordering::Relaxed);
+    }
+
+    /// The other side's liveness.
+    pub fn peer(&self) -> Liveness {
+        liveness(&self.seg, self.peer)
     }
 }
 
@@ -488,14 +524,12 @@ pub struct Observer {
 impl Observer {
     /// The producer (rollout server).
     pub fn producer(&self) -> Liveness {
-        self.ring
-            .liveness(PRODUCER_LOCK_BYTE, OFF_PRODUCER_HEARTBEAT, OFF_PRODUCER_PID)
+        self.ring.liveness(PRODUCER)
     }
 
     /// The consumer (learner).
     pub fn consumer(&self) -> Liveness {
-        self.ring
-            .liveness(CONSUMER_LOCK_BYTE, OFF_CONSUMER_HEARTBEAT, OFF_CONSUMER_PID)
+        self.ring.liveness(CONSUMER)
     }
 }
 
@@ -563,13 +597,12 @@ impl Producer {
 
     /// The consumer's liveness: held, pid, time since its last beat.
     pub fn consumer(&self) -> Liveness {
-        self.ring
-            .liveness(CONSUMER_LOCK_BYTE, OFF_CONSUMER_HEARTBEAT, OFF_CONSUMER_PID)
+        self.ring.liveness(CONSUMER)
     }
 
     /// A handle beating this producer's heartbeat from another thread.
     pub fn heartbeat(&self) -> Heartbeat {
-        self.ring.heartbeat(OFF_PRODUCER_HEARTBEAT)
+        self.ring.heartbeat(PRODUCER, CONSUMER)
     }
 
     /// Writes the record into the next slot without committing it.
@@ -697,13 +730,12 @@ impl Consumer {
 
     /// The producer's liveness: held, pid, time since its last beat.
     pub fn producer(&self) -> Liveness {
-        self.ring
-            .liveness(PRODUCER_LOCK_BYTE, OFF_PRODUCER_HEARTBEAT, OFF_PRODUCER_PID)
+        self.ring.liveness(PRODUCER)
     }
 
     /// A handle beating this consumer's heartbeat from another thread.
     pub fn heartbeat(&self) -> Heartbeat {
-        self.ring.heartbeat(OFF_CONSUMER_HEARTBEAT)
+        self.ring.heartbeat(CONSUMER, PRODUCER)
     }
 
     /// Time since the producer last beat (a commit, a [`Heartbeat::beat`], or its start).

@@ -388,6 +388,8 @@ fn an_observer_sees_each_sides_holder_pid_and_silence() {
     std::thread::sleep(Duration::from_millis(60));
     assert!(o.producer().silent >= Duration::from_millis(50));
     let hb = p.heartbeat();
+    assert!(hb.peer().held, "the producer's handle watches the consumer");
+    assert_eq!(hb.peer().pid, Some(me));
     std::thread::spawn(move || hb.beat()).join().expect("beat");
     assert!(o.producer().silent < Duration::from_millis(50));
     assert!(cons.producer().silent < Duration::from_millis(50));

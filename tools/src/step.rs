@@ -211,10 +211,13 @@ pub fn wait_for_peer<T>(
     }
 }
 
-/// Beats one side's ring heartbeat once a second on a thread of its own, until dropped: the
-/// peer (and `nested-reft train`) tell a process that is working from one that is stopped.
+/// Beats one side's ring heartbeat once a second on a thread of its own, until dropped, so
+/// that the peer (and `nested-reft train`) tell a process that is working from one that is
+/// stopped; and watches the peer's beats the same way, so that a hung peer is reported however
+/// busy this side's own loop is.
 pub struct Beating {
     stop: std::sync::Arc<AtomicBool>,
+    hangs: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -222,24 +225,35 @@ impl Beating {
     /// How often the thread beats.
     pub const PERIOD: Duration = Duration::from_secs(1);
 
-    /// Starts beating `heartbeat`.
-    pub fn start(heartbeat: protocol::Heartbeat) -> Result<Self> {
+    /// Starts beating `heartbeat` and watching its peer with `watch`.
+    pub fn start(heartbeat: protocol::Heartbeat, mut watch: PeerWatch) -> Result<Self> {
         let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let hangs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (flag, seen) = (stop.clone(), hangs.clone());
         let thread = std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || {
                 // Relaxed: a plain stop flag; the join in `drop` orders the rest.
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     heartbeat.beat();
+                    watch.check(heartbeat.peer());
+                    // Relaxed: a counter for the metrics.
+                    seen.store(watch.hangs(), std::sync::atomic::Ordering::Relaxed);
                     std::thread::park_timeout(Self::PERIOD);
                 }
             })
             .context("while starting the heartbeat thread")?;
         Ok(Self {
             stop,
+            hangs,
             thread: Some(thread),
         })
+    }
+
+    /// The peer's hung episodes seen so far (for the metrics).
+    pub fn hangs(&self) -> u64 {
+        // Relaxed: see `start`.
+        self.hangs.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -254,9 +268,8 @@ impl Drop for Beating {
     }
 }
 
-/// Watches the peer's heartbeat while this side waits for it: a peer that holds its side of
-/// the ring but has not beaten for `timeout` is reported hung (by name and pid, once per
-/// episode), and again when it beats again.
+/// Judges the peer's heartbeat: a peer that holds its side of the ring but has not beaten for
+/// `timeout` is reported hung (by name and pid, once per episode), and again when it beats.
 #[derive(Debug)]
 pub struct PeerWatch {
     peer: &'static str,
@@ -297,7 +310,7 @@ impl PeerWatch {
                     hangs = self.hangs,
                     "{} (pid {pid}) is hung: no heartbeat for {:.0} s (hang_timeout_s is {:.0}); \
                      it holds its side of the ring, so it is not dead: is it stopped (SIGSTOP, \
-                     a debugger) or starved? Waiting for it",
+                     a debugger) or starved?",
                     self.peer,
                     peer.silent.as_secs_f64(),
                     self.timeout.as_secs_f64()

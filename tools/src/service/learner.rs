@@ -309,7 +309,13 @@ fn run(
     let Some(mut ring) = svc.connect(peer_timeout, stop)? else {
         return Ok(());
     };
-    let _beating = step::Beating::start(ring.heartbeat())?;
+    let beating = step::Beating::start(
+        ring.heartbeat(),
+        step::PeerWatch::new(
+            "the rollout server",
+            Duration::from_secs_f64(cfg.hang_timeout_s),
+        ),
+    )?;
     svc.notifier
         .ready(&format!("training from step {}", svc.step));
     info!(
@@ -380,7 +386,7 @@ fn run(
             probes: std::mem::take(&mut svc.probes.done),
             quarantined_total: ring.quarantined_total(),
             duplicate_records: svc.duplicate_records,
-            peer_hangs: svc.watch.hangs(),
+            peer_hangs: beating.hangs(),
             spans: timeline.take(),
         })?;
     }
@@ -466,8 +472,6 @@ struct Service<'a> {
     device_slots: Option<LearnerSlots>,
     control: Option<ControlLink>,
     last_notice: Instant,
-    /// The rollout server's heartbeat, watched while waiting for records.
-    watch: step::PeerWatch,
 }
 
 impl<'a> Service<'a> {
@@ -522,10 +526,6 @@ impl<'a> Service<'a> {
             device_slots: None,
             control: None,
             last_notice: Instant::now(),
-            watch: step::PeerWatch::new(
-                "the rollout server",
-                Duration::from_secs_f64(cfg.hang_timeout_s),
-            ),
         })
     }
 
@@ -712,7 +712,6 @@ impl<'a> Service<'a> {
                     }
                     self.last_notice = Instant::now();
                 }
-                self.watch.check(ring.producer());
                 nap(stop, Duration::from_millis(5));
             }
             Err(PopError::ProducerDead { .. }) => nap(stop, Duration::from_millis(5)),

@@ -242,7 +242,7 @@ fn run(
             weights_sum: load.weights_sum,
             push_s,
             in_flight: server.in_flight,
-            peer_hangs: server.watch.hangs(),
+            peer_hangs: server.beating.hangs(),
             spans: timeline.take(),
         })?;
         server.notifier.alive();
@@ -286,10 +286,8 @@ struct Server<'a> {
     in_flight: u64,
     shutdown: bool,
     last_notice: Instant,
-    /// The learner's heartbeat, watched while waiting for it.
-    watch: step::PeerWatch,
-    /// This server's own heartbeat.
-    _beating: step::Beating,
+    /// This server's heartbeat, and its watch on the learner's.
+    beating: step::Beating,
 }
 
 impl<'a> Server<'a> {
@@ -351,7 +349,10 @@ impl<'a> Server<'a> {
                 batch_id: None,
             },
         };
-        let beating = step::Beating::start(ring.heartbeat())?;
+        let beating = step::Beating::start(
+            ring.heartbeat(),
+            step::PeerWatch::new("the learner", Duration::from_secs_f64(cfg.hang_timeout_s)),
+        )?;
         Ok(Self {
             cfg,
             paths,
@@ -371,8 +372,7 @@ impl<'a> Server<'a> {
             in_flight: 0,
             shutdown: false,
             last_notice: Instant::now(),
-            watch: step::PeerWatch::new("the learner", Duration::from_secs_f64(cfg.hang_timeout_s)),
-            _beating: beating,
+            beating,
         })
     }
 
@@ -444,7 +444,6 @@ impl<'a> Server<'a> {
             if !ahead && published && slots_ready {
                 return Ok(true);
             }
-            self.watch.check(self.ring.consumer());
             if self.last_notice.elapsed() > Duration::from_secs(10) {
                 if !reader.writer_alive() || self.control.conn.is_none() {
                     info!(
@@ -591,7 +590,7 @@ impl<'a> Server<'a> {
     fn push(&mut self, batch: &rollout_server::RolloutBatch, stop: &AtomicBool) -> Result<bool> {
         let records = batch.groups.iter().map(Vec::len).sum::<usize>();
         for rec in batch.groups.iter().flatten() {
-            if !push(&mut self.ring, rec, stop, &self.notifier, &mut self.watch)? {
+            if !push(&mut self.ring, rec, stop, &self.notifier)? {
                 return Ok(false);
             }
         }
@@ -701,7 +700,6 @@ fn push(
     rec: &protocol::RolloutRecord,
     stop: &AtomicBool,
     notifier: &Notifier,
-    watch: &mut step::PeerWatch,
 ) -> Result<bool> {
     let mut last_notice = Instant::now();
     loop {
@@ -720,7 +718,6 @@ fn push(
                     );
                     last_notice = Instant::now();
                 }
-                watch.check(ring.consumer());
                 notifier.alive();
                 nap(stop, Duration::from_millis(5));
             }
