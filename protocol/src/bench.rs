@@ -126,7 +126,8 @@ impl RingReport {
 /// about 8 MiB of slots, at least 8 and at most 1024 of them.
 pub fn bench_descriptor(record_bytes: usize) -> Result<Descriptor, BenchError> {
     let capacity = ((8usize << 20) / record_bytes.max(1)).clamp(8, 1024) as u32;
-    let fixed = 128 + 4 * PROMPT_TOKENS + 2 * PLAN_LAYERS;
+    // The streamed records carry no text (stop string, reward message): header, prompt, plan.
+    let fixed = crate::record::RECORD_HEADER_BYTES + 4 * PROMPT_TOKENS + 2 * PLAN_LAYERS;
     if record_bytes < fixed + 8 {
         return Err(BenchError::Invalid(format!(
             "records must be at least {} bytes",
@@ -143,6 +144,18 @@ pub fn bench_descriptor(record_bytes: usize) -> Result<Descriptor, BenchError> {
             max_plan_layers: PLAN_LAYERS as u32,
         },
     })
+}
+
+/// What each full streamed record encodes to (the slots also leave room for the text such a
+/// record does not carry).
+fn streamed_bytes(limits: &Limits) -> usize {
+    crate::record::encoded_len(
+        PROMPT_TOKENS,
+        limits.max_completion_tokens as usize,
+        PLAN_LAYERS,
+        0,
+    )
+    .unwrap_or(0)
 }
 
 /// `len` values whose first one starts on a page boundary. The benchmark's copies then do not
@@ -334,7 +347,7 @@ pub fn ring_throughput(
     let _ = RolloutRing::remove(dir, &format!("{name}.resp"));
     let (ring_gbps, in_place_gbps, memcpy_gbps, mut rtts) = result?;
     peer_result?;
-    let bytes = desc.limits.max_record_bytes().unwrap_or(0);
+    let bytes = streamed_bytes(&desc.limits);
     rtts.sort_unstable();
     let pct = |p: f64| rtts[((rtts.len() - 1) as f64 * p).round() as usize];
     Ok(RingReport {
@@ -388,7 +401,7 @@ fn drive(
 ) -> Result<Measured, BenchError> {
     let mut resp = open_retry(dir, &format!("{name}.resp"), desc)?;
     let payload = Payload::new(&desc.limits);
-    let bytes = desc.limits.max_record_bytes().unwrap_or(0);
+    let bytes = streamed_bytes(&desc.limits);
     // Warm-up: touch every slot of both rings.
     for i in 0..u64::from(desc.capacity) * 2 {
         req.push(&payload.view(OP_ECHO, i, true), WAIT)?;
