@@ -305,6 +305,9 @@ struct Adapter {
 struct Proj {
     w: Lin,
     lora: Option<Adapter>,
+    /// The weight never trains (the base of a LoRA decoder): the differentiable kernels skip
+    /// its gradient.
+    frozen: bool,
 }
 
 impl Proj {
@@ -312,6 +315,7 @@ impl Proj {
         Self {
             w: Lin::Dense(w),
             lora: None,
+            frozen: false,
         }
     }
 
@@ -319,8 +323,13 @@ impl Proj {
     ///
     /// # Shapes
     /// `x`: (…, in) → (…, out).
-    fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let y = linear(x, &self.w, bias)?;
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, kernels: Kernels) -> Result<Tensor> {
+        let y = match &self.w {
+            Lin::Dense(w) if self.frozen && kernels == Kernels::Differentiable => {
+                linear_frozen(x, w, bias)?
+            }
+            w => linear(x, w, bias)?,
+        };
         match &self.lora {
             None => Ok(y),
             Some(ad) => {
@@ -329,6 +338,20 @@ impl Proj {
             }
         }
     }
+}
+
+/// [`linear`] through [`ops::frozen_linear`]: no gradient for `w`.
+fn linear_frozen(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let (lead, k) = dims.split_at(dims.len() - 1);
+    let rows: usize = lead.iter().product();
+    let mut out_shape = lead.to_vec();
+    out_shape.push(w.dim(0)?);
+    let y = ops::frozen_linear(&x.contiguous()?.reshape((rows, k[0]))?, w)?.reshape(out_shape)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -811,11 +834,11 @@ impl Decoder {
         if run_mlp {
             let h = rms_norm(&x, &layer.post_attention_layernorm, eps, step.kernels)?;
             let m = &layer.mlp;
-            let gate = m.gate_proj.forward(&h, None)?;
-            let up = m.up_proj.forward(&h, None)?;
-            let h = m
-                .down_proj
-                .forward(&silu_mul(&gate, &up, step.kernels)?, None)?;
+            let gate = m.gate_proj.forward(&h, None, step.kernels)?;
+            let up = m.up_proj.forward(&h, None, step.kernels)?;
+            let h =
+                m.down_proj
+                    .forward(&silu_mul(&gate, &up, step.kernels)?, None, step.kernels)?;
             x = (x + h)?;
         }
         Ok(x)
@@ -839,9 +862,9 @@ impl Decoder {
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(a.q_proj.forward(x, a.q_bias.as_ref())?, nh)?;
-        let k = heads(a.k_proj.forward(x, a.k_bias.as_ref())?, nkv)?;
-        let v = heads(a.v_proj.forward(x, a.v_bias.as_ref())?, nkv)?;
+        let q = heads(a.q_proj.forward(x, a.q_bias.as_ref(), step.kernels)?, nh)?;
+        let k = heads(a.k_proj.forward(x, a.k_bias.as_ref(), step.kernels)?, nkv)?;
+        let v = heads(a.v_proj.forward(x, a.v_bias.as_ref(), step.kernels)?, nkv)?;
         let q = rope(&q, step.cos, step.sin, step.kernels)?;
         let k = rope(&k, step.cos, step.sin, step.kernels)?.contiguous()?;
         let (k, v) = match kv {
@@ -864,7 +887,7 @@ impl Decoder {
                 }
             };
             let y = y.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-            return a.o_proj.forward(&y, None);
+            return a.o_proj.forward(&y, None, step.kernels);
         }
         let q = q.reshape((b, nkv, rep * s, hd))?;
         let y = match step.kernels {
@@ -880,7 +903,7 @@ impl Decoder {
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
-        a.o_proj.forward(&y, None)
+        a.o_proj.forward(&y, None, step.kernels)
     }
 }
 

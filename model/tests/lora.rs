@@ -383,11 +383,16 @@ fn only_adapters_train_and_the_base_stays_frozen() {
     let var_names: Vec<String> = m.vars().iter().map(|(n, _)| n.clone()).collect();
     assert_eq!(names, var_names);
     let grads = loss(&m, Kernels::Differentiable, false).backward().unwrap();
-    // Every adapter gets a gradient; the Vars the model was built with get none.
+    // Every adapter gets a gradient; the Vars the model was built with get none, and with the
+    // differentiable kernels no base weight the forward pass reads gets one computed either
+    // (`named_parameters` are those very tensors).
     for (name, v) in m.vars() {
         assert!(grads.get(v).is_some(), "{name} must get a gradient");
     }
     assert!(base_vars.iter().all(|v| grads.get(v).is_none()));
+    for (name, t) in m.named_parameters() {
+        assert!(grads.get(&t).is_none(), "{name} must get no gradient");
+    }
     let before: Vec<Vec<f64>> = m
         .named_parameters()
         .iter()
@@ -541,4 +546,37 @@ fn peft_export_has_peft_names_keys_and_shapes() {
             assert_eq!(flat_f64(&tensors[&b]), flat_f64(&ours[&own]));
         }
     }
+}
+
+#[test]
+fn frozen_linear_gives_the_matmul_value_and_input_gradient_only() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let mut rand_t = |shape: (usize, usize)| {
+        let data: Vec<f64> = (0..shape.0 * shape.1)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    };
+    let x = candle_core::Var::from_tensor(&rand_t((5, 4))).unwrap();
+    let w = rand_t((3, 4));
+    let c = rand_t((5, 3));
+    let frozen = ops::frozen_linear(x.as_tensor(), &w).unwrap();
+    let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+    assert_eq!(flat_f64(&frozen), flat_f64(&plain));
+    let g_frozen = (frozen * &c)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_plain = (plain * &c).unwrap().sum_all().unwrap().backward().unwrap();
+    let r = rel(
+        &flat_f64(g_frozen.get(&x).unwrap()),
+        &flat_f64(g_plain.get(&x).unwrap()),
+    );
+    assert!(r < 1e-15, "dx: {r:e}");
+    // candle's matmul also computes a gradient for the weight's (transposed) view; the frozen
+    // op computes none (both stores also hold x and the coefficients c).
+    assert_eq!(g_plain.get_ids().count(), 3);
+    assert_eq!(g_frozen.get_ids().count(), 2);
 }

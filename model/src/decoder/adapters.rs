@@ -48,9 +48,11 @@ impl Layer {
             *b = frozen(b);
         }
         for t in LoraTarget::ALL {
-            if let Lin::Dense(w) = &mut self.proj_mut(t).w {
+            let p = self.proj_mut(t);
+            if let Lin::Dense(w) = &mut p.w {
                 *w = frozen(w);
             }
+            p.frozen = true;
         }
     }
 }
@@ -73,7 +75,10 @@ impl Decoder {
     /// B is updated. Every base weight is frozen (detached from the autograd graph) and
     /// [`Decoder::vars`] becomes the adapters alone, in the order of
     /// [`Decoder::lora_parameters`]. The forward passes (every kernel set, padded and packed
-    /// scoring, generation) add `(x Aᵀ) Bᵀ · alpha/r` to each adapted layer's output.
+    /// scoring, generation) add `(x Aᵀ) Bᵀ · alpha/r` to each adapted layer's output. With
+    /// [`crate::Kernels::Differentiable`] on the CPU the backward pass computes no gradient for
+    /// the frozen linear weights, norms and output head (with the other kernels candle's ops
+    /// still compute and drop them).
     ///
     /// ```
     /// use model::candle_core::{DType, Device};
