@@ -580,3 +580,23 @@ fn frozen_linear_gives_the_matmul_value_and_input_gradient_only() {
     assert_eq!(g_plain.get_ids().count(), 3);
     assert_eq!(g_frozen.get_ids().count(), 2);
 }
+
+#[test]
+fn a_quantized_copy_keeps_the_live_adapters() {
+    let (cfg, w) = weights(Architecture::Llama, DType::F32);
+    let m = Decoder::new(&cfg, &w, false)
+        .unwrap()
+        .with_lora(&LoraConfig::new(2, 4.0).unwrap(), 1)
+        .unwrap();
+    let q = m.quantized(WeightFormat::F32).unwrap();
+    assert_eq!(q.lora(), m.lora());
+    assert!(q.vars().is_empty());
+    let before = flat_f64(&padded_logprobs(&q, Kernels::Fused).values);
+    randomize_adapters(&m, 5);
+    // The copy shares the adapters' storage: it sees the update, and computes what the
+    // adapted model computes.
+    let after = flat_f64(&padded_logprobs(&q, Kernels::Fused).values);
+    let own = flat_f64(&padded_logprobs(&m, Kernels::Fused).values);
+    assert!(rel(&after, &before) > 1e-3);
+    assert_eq!(after, own);
+}
