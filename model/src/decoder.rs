@@ -7,11 +7,14 @@
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::lora::LoraConfig;
 use crate::ops;
 use crate::plan::LayerPlan;
 use crate::quant::{Lin, WeightFormat};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor, Var};
+
+mod adapters;
 
 /// Which kernels the forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -286,12 +289,77 @@ fn linear(x: &Tensor, w: &Lin, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
+/// A low-rank update of a linear layer: `(x Aᵀ) Bᵀ · scale`.
+#[derive(Debug, Clone)]
+struct Adapter {
+    /// (r, in).
+    a: Tensor,
+    /// (out, r).
+    b: Tensor,
+    /// alpha / r.
+    scale: f64,
+}
+
+/// A linear layer's weight and, with LoRA, its adapter.
+#[derive(Debug, Clone)]
+struct Proj {
+    w: Lin,
+    lora: Option<Adapter>,
+    /// The weight never trains (the base of a LoRA decoder): the differentiable kernels skip
+    /// its gradient.
+    frozen: bool,
+}
+
+impl Proj {
+    fn dense(w: Tensor) -> Self {
+        Self {
+            w: Lin::Dense(w),
+            lora: None,
+            frozen: false,
+        }
+    }
+
+    /// `x Wᵀ (+ b)`, plus `(x Aᵀ · scale) Bᵀ` with an adapter.
+    ///
+    /// # Shapes
+    /// `x`: (…, in) → (…, out).
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, kernels: Kernels) -> Result<Tensor> {
+        let y = match &self.w {
+            Lin::Dense(w) if self.frozen && kernels == Kernels::Differentiable => {
+                linear_frozen(x, w, bias)?
+            }
+            w => linear(x, w, bias)?,
+        };
+        match &self.lora {
+            None => Ok(y),
+            Some(ad) => {
+                let low = (linear(x, &Lin::Dense(ad.a.clone()), None)? * ad.scale)?;
+                Ok((y + linear(&low, &Lin::Dense(ad.b.clone()), None)?)?)
+            }
+        }
+    }
+}
+
+/// [`linear`] through [`ops::frozen_linear`]: no gradient for `w`.
+fn linear_frozen(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let (lead, k) = dims.split_at(dims.len() - 1);
+    let rows: usize = lead.iter().product();
+    let mut out_shape = lead.to_vec();
+    out_shape.push(w.dim(0)?);
+    let y = ops::frozen_linear(&x.contiguous()?.reshape((rows, k[0]))?, w)?.reshape(out_shape)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
 #[derive(Debug, Clone)]
 struct SelfAttn {
-    q_proj: Lin,
-    k_proj: Lin,
-    v_proj: Lin,
-    o_proj: Lin,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
@@ -299,9 +367,9 @@ struct SelfAttn {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Lin,
-    up_proj: Lin,
-    down_proj: Lin,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 #[derive(Debug, Clone)]
@@ -339,7 +407,10 @@ pub struct Decoder {
     rope_cos: Tensor,
     rope_sin: Tensor,
     params: Vec<(String, Tensor)>,
+    /// The trainable variables: every parameter, or with LoRA the adapters only.
     vars: Vec<(String, Var)>,
+    /// The adapters' configuration, with LoRA (see [`Decoder::with_lora`]).
+    lora: Option<LoraConfig>,
     device: Device,
     dtype: DType,
 }
@@ -386,10 +457,10 @@ impl Decoder {
                 }
             };
             let self_attn = SelfAttn {
-                q_proj: Lin::Dense(get(format!("{p}.self_attn.q_proj.weight"))?),
-                k_proj: Lin::Dense(get(format!("{p}.self_attn.k_proj.weight"))?),
-                v_proj: Lin::Dense(get(format!("{p}.self_attn.v_proj.weight"))?),
-                o_proj: Lin::Dense(get(format!("{p}.self_attn.o_proj.weight"))?),
+                q_proj: Proj::dense(get(format!("{p}.self_attn.q_proj.weight"))?),
+                k_proj: Proj::dense(get(format!("{p}.self_attn.k_proj.weight"))?),
+                v_proj: Proj::dense(get(format!("{p}.self_attn.v_proj.weight"))?),
+                o_proj: Proj::dense(get(format!("{p}.self_attn.o_proj.weight"))?),
                 q_bias: opt_bias("q_proj")?,
                 k_bias: opt_bias("k_proj")?,
                 v_bias: opt_bias("v_proj")?,
@@ -399,9 +470,9 @@ impl Decoder {
                 self_attn,
                 post_attention_layernorm: get(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_proj: Lin::Dense(get(format!("{p}.mlp.gate_proj.weight"))?),
-                    up_proj: Lin::Dense(get(format!("{p}.mlp.up_proj.weight"))?),
-                    down_proj: Lin::Dense(get(format!("{p}.mlp.down_proj.weight"))?),
+                    gate_proj: Proj::dense(get(format!("{p}.mlp.gate_proj.weight"))?),
+                    up_proj: Proj::dense(get(format!("{p}.mlp.up_proj.weight"))?),
+                    down_proj: Proj::dense(get(format!("{p}.mlp.down_proj.weight"))?),
                 },
             });
         }
@@ -426,6 +497,7 @@ impl Decoder {
             rope_sin,
             params,
             vars,
+            lora: None,
             device,
             dtype,
         })
@@ -447,13 +519,15 @@ impl Decoder {
     }
 
     /// The trainable parameters, in the order of [`Decoder::named_parameters`] (empty unless
-    /// built with `trainable`).
+    /// built with `trainable`); with LoRA, the adapters only, in the order of
+    /// [`Decoder::lora_parameters`], and the base weights are frozen.
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
     }
 
     /// Every parameter in the canonical order of [`ModelConfig::parameter_specs`]: the flat
-    /// layout the weight store shares.
+    /// layout the weight store shares. With LoRA these are the frozen base weights (see
+    /// [`Decoder::merged_parameters`] for the adapted ones).
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
         self.params.clone()
     }
@@ -503,17 +577,20 @@ impl Decoder {
     /// A read-only copy whose linear layers (attention and MLP projections and the output
     /// head) run re-quantized from these weights in `format`: the 8-bit behavior of the
     /// rollout path. Norms, biases and the embedding stay f32; the copy shares them. It has no
-    /// trainable variables, and its forward passes use the fused kernels only.
+    /// trainable variables, and its forward passes use the fused kernels only. A LoRA
+    /// decoder's copy keeps its adapters dense over the quantized base, sharing their storage
+    /// (updates to the adapters show in the copy); quantize [`Decoder::merged`] instead to
+    /// fold them in.
     pub fn quantized(&self, format: WeightFormat) -> Result<Decoder> {
         let mut layers = self.layers.clone();
         for layer in &mut layers {
             let a = &mut layer.self_attn;
-            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-                *lin = lin.quantize(format)?;
+            for p in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                p.w = p.w.quantize(format)?;
             }
             let m = &mut layer.mlp;
-            for lin in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
-                *lin = lin.quantize(format)?;
+            for p in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+                p.w = p.w.quantize(format)?;
             }
         }
         let head_q = if format.is_quantized() {
@@ -533,6 +610,7 @@ impl Decoder {
             rope_sin: self.rope_sin.clone(),
             params: self.params.clone(),
             vars: Vec::new(),
+            lora: self.lora.clone(),
             device: self.device.clone(),
             dtype: self.dtype,
         })
@@ -756,9 +834,11 @@ impl Decoder {
         if run_mlp {
             let h = rms_norm(&x, &layer.post_attention_layernorm, eps, step.kernels)?;
             let m = &layer.mlp;
-            let gate = linear(&h, &m.gate_proj, None)?;
-            let up = linear(&h, &m.up_proj, None)?;
-            let h = linear(&silu_mul(&gate, &up, step.kernels)?, &m.down_proj, None)?;
+            let gate = m.gate_proj.forward(&h, None, step.kernels)?;
+            let up = m.up_proj.forward(&h, None, step.kernels)?;
+            let h =
+                m.down_proj
+                    .forward(&silu_mul(&gate, &up, step.kernels)?, None, step.kernels)?;
             x = (x + h)?;
         }
         Ok(x)
@@ -782,9 +862,9 @@ impl Decoder {
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(linear(x, &a.q_proj, a.q_bias.as_ref())?, nh)?;
-        let k = heads(linear(x, &a.k_proj, a.k_bias.as_ref())?, nkv)?;
-        let v = heads(linear(x, &a.v_proj, a.v_bias.as_ref())?, nkv)?;
+        let q = heads(a.q_proj.forward(x, a.q_bias.as_ref(), step.kernels)?, nh)?;
+        let k = heads(a.k_proj.forward(x, a.k_bias.as_ref(), step.kernels)?, nkv)?;
+        let v = heads(a.v_proj.forward(x, a.v_bias.as_ref(), step.kernels)?, nkv)?;
         let q = rope(&q, step.cos, step.sin, step.kernels)?;
         let k = rope(&k, step.cos, step.sin, step.kernels)?.contiguous()?;
         let (k, v) = match kv {
@@ -807,7 +887,7 @@ impl Decoder {
                 }
             };
             let y = y.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-            return linear(&y, &a.o_proj, None);
+            return a.o_proj.forward(&y, None, step.kernels);
         }
         let q = q.reshape((b, nkv, rep * s, hd))?;
         let y = match step.kernels {
@@ -823,7 +903,7 @@ impl Decoder {
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
-        linear(&y, &a.o_proj, None)
+        a.o_proj.forward(&y, None, step.kernels)
     }
 }
 

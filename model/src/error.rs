@@ -100,6 +100,9 @@ pub enum ModelError {
     /// no such GPU).
     #[error("{0}")]
     Device(String),
+    /// A LoRA configuration is invalid, or adapters were used where they cannot be.
+    #[error(transparent)]
+    Lora(#[from] crate::lora::LoraError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

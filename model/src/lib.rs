@@ -8,6 +8,9 @@
 //!   once and packs sequences into rows without padding.
 //! - [`generate`] samples G completions per prompt and records the behavior log-probs.
 //! - [`load_model`] reads a GGUF file or a Hugging Face directory.
+//! - [`Decoder::with_lora`] adds LoRA adapters ([`LoraConfig`]) that become the only trainable
+//!   variables; [`Decoder::merged_parameters`] folds them in and
+//!   [`Decoder::save_peft_adapter`] exports them in PEFT's format.
 //!
 //! Layer plans depend one way: the skip unit ([`Unit`]) ← the configuration's cost accounting ←
 //! [`LayerPlan`] ← the calibration [`Profile`] (data) ← the per-batch policy ([`PlanChoice`],
@@ -26,6 +29,7 @@ mod error;
 mod generate;
 mod loading;
 mod logprobs;
+mod lora;
 pub mod ops;
 mod packed;
 mod plan;
@@ -53,6 +57,7 @@ pub use loading::{
     load_gguf, load_hf_dir, load_model, save_pretrained, unpermute_qk, LoadOptions, LoadedModel,
 };
 pub use logprobs::{completion_logprobs, CompletionLogProbs, ScoreRequest};
+pub use lora::{peft_key, LoraConfig, LoraError, LoraTarget};
 pub use packed::{packed_logprobs, PackedLayout, PackedLogProbs, RowLayout, SharedPrompt};
 pub use plan::{LayerPlan, PlanStrategy};
 pub use policy::{

@@ -121,12 +121,18 @@ impl CustomOp2 for RmsNormOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // n = x·r with r = (mean(x²) + eps)^-½; y = n·w.
         // dx = r·(g·w − n·mean(g·w·n)); dw = Σ_rows g·n.
+        let want_w = w.track_op();
         let (x, w) = (x.detach(), w.detach());
         let r = inv_rms(&x, self.eps)?;
         let n = x.broadcast_mul(&r)?;
         let gw = g.broadcast_mul(&w)?;
         let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
         let dx = (gw - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+        // A frozen weight (a LoRA base: neither a variable nor computed from one) needs no
+        // gradient; skipping it also keeps it out of the gradient store.
+        if !want_w {
+            return Ok((Some(dx), None));
+        }
         let h = w.dim(0)?;
         let dw = (g * n)?.reshape(((), h))?.sum(0)?;
         Ok((Some(dx), Some(dw)))
@@ -161,6 +167,51 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
             value: Precomputed::new(value),
         },
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// A linear layer with a frozen weight
+
+struct FrozenLinearOp {
+    /// (out, in), detached.
+    w: Tensor,
+    value: Precomputed,
+}
+
+impl CustomOp1 for FrozenLinearOp {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.value.take(self.name())
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // y = x·Wᵀ: dx = g·W; W is frozen and gets nothing.
+        Ok(Some(g.detach().matmul(&self.w)?))
+    }
+}
+
+/// `x @ wᵀ` for a weight that never trains (a LoRA base): one graph node whose backward
+/// computes the input's gradient only, where candle's matmul would also compute the weight's
+/// (a GEMM as large as the forward's). `w` is held by the node, not a graph input.
+///
+/// # Shapes
+/// `x`: (rows, in); `w`: (out, in) → (rows, out).
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let w = w.detach();
+    if !on_cpu(x) {
+        return x.matmul(&w.t()?);
+    }
+    let value = x.detach().matmul(&w.t()?)?;
+    if !x.track_op() {
+        return Ok(value);
+    }
+    x.apply_op1(FrozenLinearOp {
+        w,
+        value: Precomputed::new(value),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -574,6 +625,8 @@ impl CustomOp2 for HeadOp {
         let g = g.detach().reshape((n, 1))?;
         let neg_g = g.neg()?;
         let lse = self.lse.reshape((n, 1))?;
+        // A frozen head (a LoRA base) needs no gradient: skip its GEMM per chunk.
+        let want_w = weight.track_op();
         let mut grad_h: Option<Tensor> = None;
         let mut grad_w = Vec::with_capacity(v.div_ceil(self.chunk_vocab));
         let mut start = 0;
@@ -587,11 +640,17 @@ impl CustomOp2 for HeadOp {
                 Some(acc) => (acc + gh)?,
                 None => gh,
             });
-            grad_w.push(d.t()?.matmul(&hs)?);
+            if want_w {
+                grad_w.push(d.t()?.matmul(&hs)?);
+            }
             start += len;
         }
         let targets = &self.targets;
-        let grad_w = Tensor::cat(&grad_w, 0)?.index_add(targets, &hs.broadcast_mul(&g)?, 0)?;
+        let grad_w = if want_w {
+            Some(Tensor::cat(&grad_w, 0)?.index_add(targets, &hs.broadcast_mul(&g)?, 0)?)
+        } else {
+            None
+        };
         let onehot_h = w.index_select(targets, 0)?.broadcast_mul(&g)?;
         let grad_h = match grad_h {
             Some(acc) => (acc + onehot_h)?,
@@ -602,7 +661,7 @@ impl CustomOp2 for HeadOp {
         } else {
             (grad_h * inv_t)?
         };
-        Ok((Some(grad_h), Some(grad_w)))
+        Ok((Some(grad_h), grad_w))
     }
 }
 
