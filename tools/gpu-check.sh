@@ -93,7 +93,7 @@ step rollout nested-reft bench rollout --device cuda --behaviors full@q8_0,calib
 step weights-cpu-store nested-reft bench weights
 step overlap nested-reft bench overlap --steps 4 --train-arg=--device=cuda -o "$out/overlap"
 
-# The numbers the issue asks for, from the reports.
+# The GPU path's figures, from the reports.
 python3 - "$out" <<'PY' | tee -a "$summary"
 import json, os, sys
 out = sys.argv[1]
