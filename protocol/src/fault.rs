@@ -1,14 +1,16 @@
 //! Survives a segment file that shrinks while it is mapped.
 //!
 //! Reading or writing a shared mapping past the end of its file raises SIGBUS, which kills the
-//! process by default. A peer (or a person) can truncate a segment file at any time, so every
-//! access would need a size check that cannot race with the truncation. Instead, the size is
-//! checked at each operation (`Segment::check_intact`) and the race between that check and
-//! the access is closed here: a SIGBUS whose address lies in a registered segment replaces the
-//! whole mapping by zero-filled private pages (the faulting access then completes, reading
-//! zeros or writing into memory no peer sees) and marks the segment, so that the operation's
-//! closing check reports the truncation as an error. A SIGBUS anywhere else goes to the handler
-//! that was installed before ours, or kills the process as it would have.
+//! process by default. A peer (or a person) can truncate a segment file at any time, so no size
+//! check made before an access can rule the fault out. The fault is handled here instead: a
+//! SIGBUS whose address lies in a registered segment replaces the whole mapping by zero-filled
+//! private pages (the faulting access then completes, reading zeros or writing into memory no
+//! peer sees) and marks the segment. Every ring and store operation checks the mark (one
+//! atomic load, `Segment::check_unfaulted`) before it trusts what it read and before it
+//! publishes what it wrote; the operations that wait or publish weights also compare the
+//! file's size with the mapping (`Segment::check_intact`, one fstat), which finds a truncation
+//! that no access has run into yet. A SIGBUS anywhere else goes to the handler that was
+//! installed before ours, or kills the process as it would have.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};

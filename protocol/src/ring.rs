@@ -595,6 +595,12 @@ impl Producer {
         self.ring.alive(CONSUMER_LOCK_BYTE)
     }
 
+    /// Fails when the ring's file was truncated while mapped (one fstat; call it now and then,
+    /// e.g. once per batch: pushes check only for a fault, see `crate::fault`).
+    pub fn check_intact(&self) -> Result<(), crate::Truncated> {
+        self.ring.seg.check_intact()
+    }
+
     /// The consumer's liveness: held, pid, time since its last beat.
     pub fn consumer(&self) -> Liveness {
         self.ring.liveness(CONSUMER)
@@ -609,12 +615,14 @@ impl Producer {
     /// Fails with [`PushError::Full`] when the consumer has not released that slot.
     pub fn write_uncommitted(&mut self, rec: &RecordView<'_>) -> Result<Pending<'_>, PushError> {
         let len = rec.validate(&self.ring.desc.limits)?;
-        self.ring.seg.check_intact()?;
+        self.ring.seg.check_unfaulted()?;
         let seq = self.head;
         if seq >= self.space_limit {
             self.space_limit =
                 ring_core::producer_space_limit(self.ring.tail(), self.ring.desc.capacity.into());
             if seq >= self.space_limit {
+                // The tail just read may be a zero of an absorbed fault.
+                self.ring.seg.check_unfaulted()?;
                 return Err(PushError::Full {
                     capacity: self.ring.desc.capacity,
                 });
@@ -636,7 +644,7 @@ impl Producer {
             slot.add(SLOT_OFF_CRC).cast::<u32>().write(crc);
         }
         // A file truncated while we wrote: the record went nowhere the consumer sees.
-        self.ring.seg.check_intact()?;
+        self.ring.seg.check_unfaulted()?;
         Ok(Pending {
             producer: self,
             seq,
@@ -728,6 +736,12 @@ impl Consumer {
         self.ring.alive(PRODUCER_LOCK_BYTE)
     }
 
+    /// Fails when the ring's file was truncated while mapped (one fstat; call it now and then,
+    /// e.g. while waiting: pops check only for a fault, see `crate::fault`).
+    pub fn check_intact(&self) -> Result<(), crate::Truncated> {
+        self.ring.seg.check_intact()
+    }
+
     /// The producer's liveness: held, pid, time since its last beat.
     pub fn producer(&self) -> Liveness {
         self.ring.liveness(PRODUCER)
@@ -751,9 +765,11 @@ impl Consumer {
     /// The committed slot `seq` is ready to read: its metadata, with the length bounded by the
     /// slot size (or the slot quarantined).
     fn committed_slot(&mut self) -> Result<SlotRead, PopError> {
-        self.ring.seg.check_intact()?;
+        self.ring.seg.check_unfaulted()?;
         let seq = self.tail;
         if !ring_core::consumer_ready(self.ring.commit(seq), seq) {
+            // The commit word just read may be a zero of an absorbed fault.
+            self.ring.seg.check_unfaulted()?;
             return Err(PopError::Empty);
         }
         let slot = self.ring.slot_ptr(seq);
@@ -792,8 +808,11 @@ impl Consumer {
     ) -> Result<R, PopError> {
         // What was read may be zeros of an absorbed fault rather than the record: a truncated
         // ring is an error, not a corrupt record to quarantine.
-        self.ring.seg.check_intact()?;
+        self.ring.seg.check_unfaulted()?;
         if computed != r.stored_crc {
+            // Zeros past a truncated end (the last page reads zeros without a fault) are a
+            // truncation, not a corrupt record.
+            self.ring.seg.check_intact()?;
             let reason = CorruptReason::Crc {
                 stored: r.stored_crc,
                 computed,
@@ -802,11 +821,14 @@ impl Consumer {
         }
         let rec = match decode_record(bytes, &self.ring.desc.limits) {
             Ok(rec) => rec,
-            Err(e) => return Err(self.quarantine(r.seq, CorruptReason::Record(e))),
+            Err(e) => {
+                self.ring.seg.check_intact()?;
+                return Err(self.quarantine(r.seq, CorruptReason::Record(e)));
+            }
         };
         let out = f(rec);
         // `f` may have read the slot in place: it saw the record only if the ring is intact.
-        self.ring.seg.check_intact()?;
+        self.ring.seg.check_unfaulted()?;
         self.release(r.seq);
         Ok(out)
     }

@@ -231,8 +231,8 @@ impl Segment {
     }
 
     /// Fails when the file has shrunk below the mapping, or an access already ran past its
-    /// end (the fault was absorbed: the mapping reads zeros now). Every operation checks this
-    /// before it trusts what it read and before it publishes what it wrote.
+    /// end (the fault was absorbed: the mapping reads zeros now). One fstat: for the operations
+    /// that wait or publish weights; the others check [`Self::check_unfaulted`].
     pub(crate) fn check_intact(&self) -> Result<(), crate::Truncated> {
         let expected = self.map.len() as u64;
         // An fstat failure on an open fd cannot come from a truncation: trust the mapping.
@@ -243,6 +243,15 @@ impl Segment {
                 expected,
                 found,
             });
+        }
+        Ok(())
+    }
+
+    /// Whether an access ran past the file's end (one atomic load, no system call). A
+    /// truncation that no access ran into left what was read valid.
+    pub(crate) fn check_unfaulted(&self) -> Result<(), crate::Truncated> {
+        if self.guard.faulted() {
+            return self.check_intact();
         }
         Ok(())
     }
@@ -419,6 +428,10 @@ mod tests {
             .check_intact()
             .expect_err("the size check sees the truncation");
         assert_eq!((e.expected, e.found), (3 * 4096, 4096));
+        assert!(
+            seg.check_unfaulted().is_ok(),
+            "no access has run past the end yet"
+        );
         // An access that raced past that check: the fault is absorbed instead of killing the
         // process, and reads zeros.
         // SAFETY: offset 5000 is inside the mapping, whose file now ends at 4096: exactly the
@@ -427,6 +440,7 @@ mod tests {
         assert_eq!(v, 0);
         // SAFETY: as above, a write past the end.
         unsafe { seg.ptr().add(9000).write_volatile(1) };
+        assert!(seg.check_unfaulted().is_err(), "the absorbed fault is seen");
 
         // Grown back to its size, the file alone looks intact; the absorbed fault still tells.
         resize(seg.path(), 3 * 4096);

@@ -408,7 +408,10 @@ impl Writer {
         let data = unsafe { std::slice::from_raw_parts_mut(self.store.slot_ptr(slot), len) };
         fill(slot, data).map_err(PublishSlotError::Fill)?;
         // A file truncated while we wrote: the bytes went nowhere a reader sees.
-        self.store.seg.check_intact().map_err(PublishError::from)?;
+        self.store
+            .seg
+            .check_unfaulted()
+            .map_err(PublishError::from)?;
         let next = explicit.unwrap_or(version + 1);
         // SeqCst (⊇ Release): publishes the slot's bytes to readers, pairing with their SeqCst
         // control loads in `Reader::pin`; SeqCst orders it before our next pin scan.

@@ -703,6 +703,9 @@ impl<'a> Service<'a> {
                 self.ready.extend(done);
             }
             Err(PopError::Timeout(_)) | Err(PopError::Empty) => {
+                // Pops only look for a fault; the size is checked while idle.
+                ring.check_intact()
+                    .context("while checking the rollout ring")?;
                 if self.last_notice.elapsed() > Duration::from_secs(10) {
                     if !ring.producer_alive() {
                         info!(

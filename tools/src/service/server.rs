@@ -524,10 +524,14 @@ impl<'a> Server<'a> {
         reader: &mut Reader,
         timeline: &mut Timeline,
     ) -> Result<Option<Load>> {
-        // Every batch, new weights or not: the words read below live in the store's file.
+        // Every batch, new weights or not: the words read below live in the store's file, and
+        // the ring's size is checked here (pushes only look for a fault).
         reader
             .check_intact()
             .context("while checking the weight store")?;
+        self.ring
+            .check_intact()
+            .context("while checking the rollout ring")?;
         let t = unix_now();
         let generation = reader.writer_generation();
         let latest = reader.latest_version();
