@@ -10,29 +10,12 @@
 use candle_core::DType;
 use model::candle_core;
 use model::*;
-use std::time::Instant;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Best-of-`repeats` seconds of `f`.
-fn best(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    f()?; // warm-up
-    let mut best = f64::INFINITY;
-    for _ in 0..repeats {
-        let t = Instant::now();
-        f()?;
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    Ok(best)
-}
+mod util;
+use util::{best, env_usize};
 
 /// Σ log π over the batch, then its backward pass; returns the number of gradients kept.
 fn step(m: &Decoder, batch: &[ScoreRequest<'_>]) -> anyhow::Result<usize> {
