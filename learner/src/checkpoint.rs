@@ -2,7 +2,9 @@
 //!
 //! A checkpoint is a directory `root/step-NNNNNNNN/` holding
 //!
-//! - `model.safetensors`: the model's named parameters;
+//! - `model.safetensors`: the model's trainable parameters (every parameter in full
+//!   fine-tuning; the LoRA adapters alone when the model has them: the frozen base is the
+//!   model the run started from, and is not copied);
 //! - `optimizer.safetensors`: the AdamW moments (`m.<param>`, `v.<param>`);
 //! - `state.json`: a [`CheckpointState`] (counters and the caller's `extra`: RNG streams, data
 //!   and ring cursors, the validated configuration…);
@@ -84,6 +86,10 @@ pub struct CheckpointState {
     pub nonfinite_total: u64,
     /// Whatever else the caller needs to resume (RNG streams, cursors, configuration).
     pub extra: serde_json::Value,
+    /// The adapters' configuration when the model trains LoRA adapters (`model.safetensors`
+    /// then holds them alone); absent for full fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<model::LoraConfig>,
 }
 
 /// One file of the manifest: its size and its checksum (CRC-32C in format 2, sha256 in
@@ -199,7 +205,12 @@ impl Learner {
         }
         fs::create_dir(tmp).map_err(io_err("creating", tmp))?;
         let mut entries = BTreeMap::new();
-        let model = self.model().named_parameters();
+        let model: Vec<(String, Tensor)> = self
+            .model()
+            .vars()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
         entries.insert(
             MODEL_FILE.to_string(),
             files.write(&tmp.join(MODEL_FILE), |w| write_safetensors(model, w))?,
@@ -215,6 +226,7 @@ impl Learner {
             optimizer_step_t: self.optimizer().step_count(),
             nonfinite_total: self.nonfinite_steps(),
             extra: extra.clone(),
+            lora: self.model().lora().cloned(),
         };
         let json = to_json(&state, tmp)?;
         entries.insert(
@@ -240,6 +252,29 @@ impl Learner {
     /// Returns the saved state (its `extra` is the caller's).
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<CheckpointState> {
         let state = verify(dir)?;
+        if state.lora.as_ref() != self.model().lora() {
+            let describe = |l: Option<&model::LoraConfig>| match l {
+                None => "full fine-tuning".to_string(),
+                Some(l) => format!(
+                    "LoRA rank {} alpha {} on {}",
+                    l.rank(),
+                    l.alpha(),
+                    l.targets()
+                        .iter()
+                        .map(|t| t.module_name())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            };
+            return Err(LearnerError::Checkpoint {
+                path: dir.join(STATE_FILE),
+                reason: format!(
+                    "it was written by {}, this run is {}: resume with the same LoRA settings",
+                    describe(state.lora.as_ref()),
+                    describe(self.model().lora())
+                ),
+            });
+        }
         let device = self.model().device().clone();
         let model_file = dir.join(MODEL_FILE);
         let tensors = load_tensors(&model_file, &device)?;

@@ -132,6 +132,97 @@ fn a_resumed_learner_takes_the_same_next_step() {
     assert_eq!(moment_bits(&a), moment_bits(&b));
 }
 
+/// A learner over the tiny model (base weights from `base_seed`) with LoRA adapters (A drawn
+/// from `adapter_seed`).
+fn lora_learner(base_seed: u64, adapter_seed: u64, lora: &model::LoraConfig) -> Learner {
+    let d = common::tiny(11, 2, base_seed, DType::F32)
+        .with_lora(lora, adapter_seed)
+        .unwrap();
+    Learner::new(d, None, config()).unwrap()
+}
+
+#[test]
+fn a_lora_checkpoint_holds_the_adapters_and_resumes_bit_for_bit() {
+    let root = tempfile::tempdir().unwrap();
+    let lora = model::LoraConfig::new(2, 4.0).unwrap();
+    let mut a = lora_learner(4, 7, &lora);
+    a.step_prepared(&batch(0)).unwrap();
+    a.step_prepared(&batch(1)).unwrap();
+    let dir = a
+        .save_checkpoint(root.path(), 2, &serde_json::Value::Null, 1)
+        .unwrap();
+    // The model file holds the adapters alone; the optimizer file their moments alone.
+    let saved =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut names: Vec<&String> = saved.keys().collect();
+    names.sort();
+    let mut want: Vec<String> = a
+        .model()
+        .lora_parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    want.sort();
+    assert_eq!(names, want.iter().collect::<Vec<_>>());
+    assert_eq!(names.len(), 2 * 7 * 2);
+    let moments = candle_core::safetensors::load(
+        dir.join("optimizer.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(moments.len(), 2 * names.len());
+    let state: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["lora"]["rank"], 2, "{state}");
+
+    // The same base, other adapter seeds: every adapter value comes from the checkpoint.
+    let mut b = lora_learner(4, 99, &lora);
+    assert_ne!(param_bits(&a), param_bits(&b));
+    b.load_checkpoint(&dir).unwrap();
+    assert_eq!(param_bits(&a), param_bits(&b));
+    assert_eq!(moment_bits(&a), moment_bits(&b));
+    let sa = a.step_prepared(&batch(2)).unwrap();
+    let sb = b.step_prepared(&batch(2)).unwrap();
+    assert!(sa.skipped.is_none() && sb.skipped.is_none());
+    assert_eq!(
+        param_bits(&a),
+        param_bits(&b),
+        "the next step differs after a resume"
+    );
+    assert_eq!(moment_bits(&a), moment_bits(&b));
+    // The base never moved.
+    let base = common::tiny(11, 2, 4, DType::F32);
+    for ((name, p), (_, q)) in a
+        .model()
+        .named_parameters()
+        .iter()
+        .zip(base.named_parameters())
+    {
+        assert_eq!(bits(p), bits(&q), "{name} moved");
+    }
+
+    // A full fine-tuning learner, or other LoRA settings, refuse the checkpoint by name.
+    let mut full = tiny_learner(11, 2, 4, DType::F32, config());
+    let err = full.load_checkpoint(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("LoRA rank 2") && err.contains("full fine-tuning"),
+        "{err}"
+    );
+    let mut other = lora_learner(4, 7, &model::LoraConfig::new(4, 4.0).unwrap());
+    let err = other.load_checkpoint(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("rank 4") && err.contains("same LoRA settings"),
+        "{err}"
+    );
+    let full_dir = tempfile::tempdir().unwrap();
+    let d = full
+        .save_checkpoint(full_dir.path(), 1, &serde_json::Value::Null, 1)
+        .unwrap();
+    let err = b.load_checkpoint(&d).unwrap_err().to_string();
+    assert!(err.contains("full fine-tuning"), "{err}");
+}
+
 #[test]
 fn retention_keeps_the_newest_and_latest_names_the_newest() {
     let root = tempfile::tempdir().unwrap();

@@ -1,13 +1,19 @@
 //! The one weight bridge between a [`Decoder`] and a shared weight-store slot.
 //!
-//! Everything derives from [`ModelConfig::parameter_specs`]: the store's [`Manifest`] (names,
-//! order, shapes, dtype, offsets), the model hash both processes compare in the control
-//! handshake, and both copies: decoder → slot (the learner publishes) and slot → decoder
-//! weights (the rollout server loads).
+//! Everything derives from [`ModelConfig::parameter_specs`] (or, for a decoder with LoRA
+//! adapters, [`adapter_specs`]): the store's [`Manifest`] (names, order, shapes, dtype,
+//! offsets), the model hash both processes compare in the control handshake, and both copies:
+//! decoder → slot (the learner publishes) and slot → tensors (the rollout server loads them
+//! into a decoder, or into its adapters).
+//!
+//! With LoRA only the adapters travel: each process holds its own copy of the frozen base, so
+//! the model hash also covers the adapters' configuration and a fingerprint of the base's
+//! values, and two processes with different bases are refused at the handshake.
 
 use crate::config::{ModelConfig, ParamSpec};
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
+use crate::lora::{adapter_specs, LoraConfig};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 use candle_core::{DType, Device, Storage, Tensor};
@@ -22,15 +28,61 @@ pub struct WeightBridge {
     specs: Vec<ParamSpec>,
     manifest: Manifest,
     model_hash: String,
+    /// The adapters' configuration when only the adapters are published.
+    lora: Option<LoraConfig>,
 }
 
+/// Elements of each base tensor, from each end, that the fingerprint of a LoRA bridge hashes.
+const FINGERPRINT_ELEMENTS: usize = 256;
+
 impl WeightBridge {
-    /// The bridge of a model with configuration `cfg` and `tokenizer`. The model hash covers
-    /// the configuration, the parameter layout and the tokenizer's vocabulary and end tokens,
-    /// so two processes that agree on it decode the same ids to the same text.
+    /// The bridge of a model with configuration `cfg` and `tokenizer`, publishing every
+    /// parameter. The model hash covers the configuration, the parameter layout and the
+    /// tokenizer's vocabulary and end tokens, so two processes that agree on it decode the
+    /// same ids to the same text.
     pub fn new(cfg: &ModelConfig, tokenizer: &Tokenizer) -> Result<Self> {
+        Self::build(cfg, tokenizer, None)
+    }
+
+    /// The bridge of `decoder`: with LoRA adapters ([`Decoder::with_lora`]) it publishes the
+    /// adapters alone, and its model hash also covers their configuration and a fingerprint
+    /// of the frozen base (the exact values of the first and last 256 elements of every base
+    /// tensor), so a peer whose base differs is refused at the handshake; without, it is
+    /// [`WeightBridge::new`] of the decoder's configuration.
+    pub fn for_decoder(decoder: &Decoder, tokenizer: &Tokenizer) -> Result<Self> {
+        let Some(lora) = decoder.lora() else {
+            return Self::new(decoder.config(), tokenizer);
+        };
+        let mut fp = Sha256::new();
+        for (name, t) in decoder.named_parameters() {
+            let flat = t.detach().flatten_all()?;
+            let n = flat.dim(0)?;
+            let k = n.min(FINGERPRINT_ELEMENTS);
+            fp.update((name.len() as u64).to_le_bytes());
+            fp.update(name.as_bytes());
+            for part in [flat.narrow(0, 0, k)?, flat.narrow(0, n - k, k)?] {
+                for v in part.to_dtype(DType::F32)?.to_vec1::<f32>()? {
+                    fp.update(v.to_le_bytes());
+                }
+            }
+        }
+        Self::build(
+            decoder.config(),
+            tokenizer,
+            Some((lora.clone(), fp.finalize().to_vec())),
+        )
+    }
+
+    fn build(
+        cfg: &ModelConfig,
+        tokenizer: &Tokenizer,
+        lora: Option<(LoraConfig, Vec<u8>)>,
+    ) -> Result<Self> {
         let cfg = cfg.clone().validate()?;
-        let specs = cfg.parameter_specs();
+        let specs = match &lora {
+            Some((l, _)) => adapter_specs(&cfg, l),
+            None => cfg.parameter_specs(),
+        };
         let manifest = Manifest::new(
             specs
                 .iter()
@@ -56,13 +108,60 @@ impl WeightBridge {
                 h.update(tok.as_bytes());
             }
         }
+        if let Some((l, fingerprint)) = &lora {
+            let json = serde_json::to_vec(l)
+                .map_err(|e| ModelError::InvalidConfig(format!("LoRA configuration: {e}")))?;
+            h.update(b"lora\0");
+            h.update((json.len() as u64).to_le_bytes());
+            h.update(&json);
+            h.update(fingerprint);
+        }
         let model_hash = hex::encode(&h.finalize()[..16]);
         Ok(Self {
             cfg,
             specs,
             manifest,
             model_hash,
+            lora: lora.map(|(l, _)| l),
         })
+    }
+
+    /// The adapters' configuration when the bridge publishes adapters only.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// The tensors of `decoder` the bridge publishes, in manifest order: its adapters with
+    /// LoRA, else every parameter.
+    pub fn published(&self, decoder: &Decoder) -> Result<Vec<(String, Tensor)>> {
+        if decoder.lora() != self.lora.as_ref() {
+            return Err(ModelError::InvalidConfig(format!(
+                "the decoder's adapters ({}) are not the weight bridge's ({})",
+                describe(decoder.lora()),
+                describe(self.lora.as_ref())
+            )));
+        }
+        let params = match &self.lora {
+            Some(_) => decoder.lora_parameters(),
+            None => decoder.named_parameters(),
+        };
+        if params.len() != self.specs.len() {
+            return Err(ModelError::InvalidConfig(format!(
+                "the decoder has {} published tensors, the bridge {}",
+                params.len(),
+                self.specs.len()
+            )));
+        }
+        for ((name, t), spec) in params.iter().zip(self.manifest.tensors()) {
+            if *name != spec.name || t.dims() != spec.shape.as_slice() {
+                return Err(ModelError::ShapeMismatch {
+                    name: name.clone(),
+                    expected: spec.shape.clone(),
+                    found: t.dims().to_vec(),
+                });
+            }
+        }
+        Ok(params)
     }
 
     /// The weight-store layout.
@@ -80,7 +179,8 @@ impl WeightBridge {
         &self.cfg
     }
 
-    /// Copies every parameter of `decoder` into `slot` (`manifest().total_size()` bytes).
+    /// Copies the published tensors of `decoder` ([`WeightBridge::published`]) into `slot`
+    /// (`manifest().total_size()` bytes).
     pub fn write(&self, decoder: &Decoder, slot: &mut [u8]) -> Result<()> {
         if slot.len() != self.manifest.total_size() {
             return Err(ModelError::InvalidConfig(format!(
@@ -89,30 +189,17 @@ impl WeightBridge {
                 self.manifest.total_size()
             )));
         }
-        let params = decoder.named_parameters();
-        if params.len() != self.specs.len() {
-            return Err(ModelError::InvalidConfig(format!(
-                "the decoder has {} parameters, the bridge {}",
-                params.len(),
-                self.specs.len()
-            )));
-        }
-        for ((name, t), spec) in params.iter().zip(self.manifest.tensors()) {
-            if *name != spec.name || t.dims() != spec.shape.as_slice() {
-                return Err(ModelError::ShapeMismatch {
-                    name: name.clone(),
-                    expected: spec.shape.clone(),
-                    found: t.dims().to_vec(),
-                });
-            }
+        let params = self.published(decoder)?;
+        for ((_, t), spec) in params.iter().zip(self.manifest.tensors()) {
             let dst = &mut slot[spec.offset..spec.offset + spec.size];
             copy_out(t, dst)?;
         }
         Ok(())
     }
 
-    /// Reads the parameters from `slot` into new tensors on `device` (f32).
-    pub fn read(&self, slot: &[u8], device: &Device) -> Result<Weights> {
+    /// Reads the published tensors from `slot` into new tensors on `device` (f32), in
+    /// manifest order.
+    pub fn tensors(&self, slot: &[u8], device: &Device) -> Result<Vec<(String, Tensor)>> {
         if slot.len() != self.manifest.total_size() {
             return Err(ModelError::InvalidConfig(format!(
                 "weight slot has {} bytes, the manifest needs {}",
@@ -120,31 +207,97 @@ impl WeightBridge {
                 self.manifest.total_size()
             )));
         }
-        let mut tensors = HashMap::with_capacity(self.specs.len());
+        let mut tensors = Vec::with_capacity(self.specs.len());
         for spec in self.manifest.tensors() {
             let bytes = &slot[spec.offset..spec.offset + spec.size];
             let data = read_f32(bytes);
             let t = Tensor::from_vec(data, spec.shape.clone(), device)?;
-            tensors.insert(spec.name.clone(), t);
+            tensors.push((spec.name.clone(), t));
         }
+        Ok(tensors)
+    }
+
+    /// Reads every parameter from `slot` (a bridge without adapters) into new tensors on
+    /// `device` (f32).
+    pub fn read(&self, slot: &[u8], device: &Device) -> Result<Weights> {
+        self.full_weights(self.tensors(slot, device)?, device)
+    }
+
+    fn full_weights(&self, tensors: Vec<(String, Tensor)>, device: &Device) -> Result<Weights> {
+        if self.lora.is_some() {
+            return Err(ModelError::InvalidConfig(
+                "the weight store holds LoRA adapters, not a whole model: apply them to the \
+                 base (WeightBridge::apply)"
+                    .into(),
+            ));
+        }
+        let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
         Weights::new(tensors, DType::F32, device)
     }
 
-    /// A checksum of `decoder`'s parameters: the sum, in f64 and manifest order, of each
-    /// parameter's element sum. The same weights on the same device give the same value (the
-    /// same reductions over the same bits): the GPU check compares the learner's checksum of
-    /// a version with the rollout server's of what it loaded from the device slots.
+    /// Builds the behavior's decoder from published tensors: for a bridge without adapters, a
+    /// new (frozen) decoder of them; with LoRA, sets them as the adapters of `adapted` (the
+    /// process's base with adapters of this configuration, changed in place, as is every copy
+    /// that shares them, an 8-bit one included) and returns `None`.
+    pub fn apply(
+        &self,
+        tensors: Vec<(String, Tensor)>,
+        adapted: Option<&Decoder>,
+        device: &Device,
+    ) -> Result<Option<Decoder>> {
+        if self.lora.is_none() {
+            let w = self.full_weights(tensors, device)?;
+            return Decoder::new(&self.cfg, &w, false).map(Some);
+        }
+        let d = adapted.ok_or_else(|| {
+            ModelError::InvalidConfig(
+                "LoRA adapters arrived, but there is no base to apply them to".into(),
+            )
+        })?;
+        if d.lora() != self.lora.as_ref() {
+            return Err(ModelError::InvalidConfig(format!(
+                "the base's adapters ({}) are not the weight bridge's ({})",
+                describe(d.lora()),
+                describe(self.lora.as_ref())
+            )));
+        }
+        d.set_lora_parameters(&tensors)?;
+        Ok(None)
+    }
+
+    /// A checksum of `decoder`'s published tensors: the sum, in f64 and manifest order, of
+    /// each tensor's element sum. The same weights on the same device give the same value
+    /// (the same reductions over the same bits): the GPU check compares the learner's checksum
+    /// of a version with the rollout server's of what it loaded from the device slots.
     pub fn checksum(&self, decoder: &Decoder) -> Result<f64> {
         let mut sum = 0.0;
-        for (_, t) in decoder.named_parameters() {
+        for (_, t) in self.published(decoder)? {
             sum += t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
         Ok(sum)
     }
 
-    /// Reads the parameters from `slot` and builds a (frozen) decoder from them.
+    /// Reads every parameter from `slot` (a bridge without adapters) and builds a (frozen)
+    /// decoder from them.
     pub fn decoder(&self, slot: &[u8], device: &Device) -> Result<Decoder> {
         Decoder::new(&self.cfg, &self.read(slot, device)?, false)
+    }
+}
+
+/// `rank 8, alpha 16, q_proj,…` or `none`, for errors.
+fn describe(lora: Option<&LoraConfig>) -> String {
+    match lora {
+        None => "none".into(),
+        Some(l) => format!(
+            "rank {}, alpha {}, {}",
+            l.rank(),
+            l.alpha(),
+            l.targets()
+                .iter()
+                .map(|t| t.module_name())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
     }
 }
 

@@ -40,7 +40,8 @@ fn driver(call: &'static str, r: sys::CUresult) -> Result<()> {
 }
 
 impl WeightBridge {
-    /// Enqueues on `decoder`'s stream a device-to-device copy of every parameter (f32,
+    /// Enqueues on `decoder`'s stream a device-to-device copy of every published tensor
+    /// ([`WeightBridge::published`]: the parameters, or the LoRA adapters) (f32,
     /// contiguous, on a CUDA device) into the device slot at `dst`, laid out by the manifest.
     ///
     /// # Safety
@@ -49,26 +50,12 @@ impl WeightBridge {
     /// an event on the stream after this returns; readers wait for it).
     pub unsafe fn write_device(&self, decoder: &Decoder, dst: sys::CUdeviceptr) -> Result<()> {
         let stream = cuda_stream(decoder.device())?;
-        let params = decoder.named_parameters();
-        if params.len() != self.manifest().tensors().len() {
-            return Err(ModelError::InvalidConfig(format!(
-                "the decoder has {} parameters, the bridge {}",
-                params.len(),
-                self.manifest().tensors().len()
-            )));
-        }
+        let params = self.published(decoder)?;
         stream
             .context()
             .bind_to_thread()
             .map_err(|e| ModelError::Device(format!("binding the CUDA context: {e}")))?;
         for ((name, t), spec) in params.iter().zip(self.manifest().tensors()) {
-            if *name != spec.name || t.dims() != spec.shape.as_slice() {
-                return Err(ModelError::ShapeMismatch {
-                    name: name.clone(),
-                    expected: spec.shape.clone(),
-                    found: t.dims().to_vec(),
-                });
-            }
             if t.dtype() != DType::F32 {
                 return Err(ModelError::UnsupportedDType {
                     name: name.clone(),
@@ -113,25 +100,25 @@ impl WeightBridge {
     }
 
     /// New tensors on `device`, copied device to device from the device slot at `src` (laid
-    /// out by the manifest), and a frozen decoder over them. Returns after the copies have
-    /// completed, so the caller may unpin the slot at once.
+    /// out by the manifest), in manifest order. Returns after the copies have completed, so
+    /// the caller may unpin the slot at once.
     ///
     /// # Safety
     /// `src` must be readable device memory of `manifest().total_size()` bytes in `device`'s
     /// context (a buffer opened from an IPC handle), whose producing copy `device`'s stream
     /// already waits for, and which nobody writes until this returns.
-    pub unsafe fn decoder_from_device(
+    pub unsafe fn tensors_from_device(
         &self,
         src: sys::CUdeviceptr,
         device: &Device,
-    ) -> Result<Decoder> {
+    ) -> Result<Vec<(String, Tensor)>> {
         let dev = cuda_device(device)?;
         let stream = dev.cuda_stream();
         stream
             .context()
             .bind_to_thread()
             .map_err(|e| ModelError::Device(format!("binding the CUDA context: {e}")))?;
-        let mut tensors = HashMap::with_capacity(self.manifest().tensors().len());
+        let mut tensors = Vec::with_capacity(self.manifest().tensors().len());
         for spec in self.manifest().tensors() {
             let n = spec.size / 4;
             // SAFETY: every element is written by the copy below before any kernel reads it
@@ -154,12 +141,28 @@ impl WeightBridge {
             }
             let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
             let t = Tensor::from_storage(storage, spec.shape.clone(), BackpropOp::none(), false);
-            tensors.insert(spec.name.clone(), t);
+            tensors.push((spec.name.clone(), t));
         }
         // The caller unpins the slot next: the copies out of it must be done by then.
         stream
             .synchronize()
             .map_err(|e| ModelError::Device(format!("waiting for the weight copies: {e}")))?;
+        Ok(tensors)
+    }
+
+    /// A frozen decoder over tensors copied out of the device slot at `src` (a bridge without
+    /// adapters; see [`WeightBridge::tensors_from_device`]).
+    ///
+    /// # Safety
+    /// As [`WeightBridge::tensors_from_device`].
+    pub unsafe fn decoder_from_device(
+        &self,
+        src: sys::CUdeviceptr,
+        device: &Device,
+    ) -> Result<Decoder> {
+        // SAFETY: the caller's guarantees are this function's.
+        let tensors = unsafe { self.tensors_from_device(src, device) }?;
+        let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
         Decoder::new(
             self.config(),
             &Weights::new(tensors, DType::F32, device)?,

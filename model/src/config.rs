@@ -357,7 +357,7 @@ pub struct ParamSpec {
 }
 
 impl ParamSpec {
-    fn new(name: String, shape: Vec<usize>) -> Self {
+    pub(crate) fn new(name: String, shape: Vec<usize>) -> Self {
         Self { name, shape }
     }
 

@@ -57,7 +57,7 @@ pub use loading::{
     load_gguf, load_hf_dir, load_model, save_pretrained, unpermute_qk, LoadOptions, LoadedModel,
 };
 pub use logprobs::{completion_logprobs, CompletionLogProbs, ScoreRequest};
-pub use lora::{peft_key, LoraConfig, LoraError, LoraTarget};
+pub use lora::{adapter_specs, peft_key, LoraConfig, LoraError, LoraTarget};
 pub use packed::{packed_logprobs, PackedLayout, PackedLogProbs, RowLayout, SharedPrompt};
 pub use plan::{LayerPlan, PlanStrategy};
 pub use policy::{

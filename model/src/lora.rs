@@ -6,14 +6,15 @@
 //! freshly adapted model computes exactly what the base model computes. The decoder side lives
 //! in [`crate::Decoder::with_lora`].
 
+use crate::config::{ModelConfig, ParamSpec};
 use crate::error::{ModelError, Result};
 use candle_core::Tensor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 /// A linear layer of a decoder layer that can carry an adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoraTarget {
     /// `self_attn.q_proj`.
@@ -141,11 +142,51 @@ pub enum LoraError {
 /// assert!(LoraConfig::new(0, 16.0).is_err());
 /// # Ok::<(), model::LoraError>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "LoraSection", into = "LoraSection")]
 pub struct LoraConfig {
     rank: usize,
     alpha: f64,
     targets: BTreeSet<LoraTarget>,
+}
+
+/// [`LoraConfig`] as a config file or checkpoint writes it: `rank`, `alpha` (default 2·rank)
+/// and `targets` (module names, default all seven); validated on reading.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoraSection {
+    rank: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    targets: Option<Vec<String>>,
+}
+
+impl TryFrom<LoraSection> for LoraConfig {
+    type Error = LoraError;
+    fn try_from(s: LoraSection) -> std::result::Result<Self, LoraError> {
+        let alpha = s.alpha.unwrap_or(LoraConfig::default_alpha(s.rank));
+        match s.targets {
+            None => LoraConfig::new(s.rank, alpha),
+            Some(names) => {
+                let targets = names
+                    .iter()
+                    .map(|n| n.parse())
+                    .collect::<std::result::Result<Vec<LoraTarget>, _>>()?;
+                LoraConfig::with_targets(s.rank, alpha, targets)
+            }
+        }
+    }
+}
+
+impl From<LoraConfig> for LoraSection {
+    fn from(c: LoraConfig) -> Self {
+        LoraSection {
+            rank: c.rank,
+            alpha: Some(c.alpha),
+            targets: Some(c.targets.iter().map(|t| t.to_string()).collect()),
+        }
+    }
 }
 
 impl LoraConfig {
@@ -175,6 +216,12 @@ impl LoraConfig {
             alpha,
             targets,
         })
+    }
+
+    /// The default alpha of rank `rank`: 2·rank (an update scale alpha/r of 2, whatever the
+    /// rank, so that a learning rate carries over between ranks).
+    pub fn default_alpha(rank: usize) -> f64 {
+        2.0 * rank as f64
     }
 
     /// Parses a comma-separated target list (`q,k,v,o,gate,up,down`, `q_proj,v_proj`, or `all`).
@@ -233,6 +280,40 @@ impl LoraConfig {
             "modules_to_save": null,
         })
     }
+}
+
+/// The adapter tensors of a model with configuration `cfg` under `lora`, in the order of
+/// [`crate::Decoder::lora_parameters`] (by layer, then module, A before B), with their shapes:
+/// `lora_A` (r, in), `lora_B` (out, r).
+pub fn adapter_specs(cfg: &ModelConfig, lora: &LoraConfig) -> Vec<ParamSpec> {
+    let shapes: HashMap<String, Vec<usize>> = cfg
+        .parameter_specs()
+        .into_iter()
+        .map(|s| (s.name, s.shape))
+        .collect();
+    let mut out = Vec::new();
+    for l in 0..cfg.num_layers {
+        for t in LoraTarget::ALL {
+            if !lora.targets.contains(&t) {
+                continue;
+            }
+            let base = format!("model.layers.{l}.{}", t.module_path());
+            // Every decoder layer has the seven linear layers (parameter_specs lists them).
+            let (out_dim, in_dim) = match shapes.get(&format!("{base}.weight")).map(Vec::as_slice) {
+                Some(&[o, i]) => (o, i),
+                _ => continue,
+            };
+            out.push(ParamSpec::new(
+                format!("{base}.lora_A.weight"),
+                vec![lora.rank, in_dim],
+            ));
+            out.push(ParamSpec::new(
+                format!("{base}.lora_B.weight"),
+                vec![out_dim, lora.rank],
+            ));
+        }
+    }
+    out
 }
 
 /// PEFT's key of an adapter tensor: `base_model.model.` + the decoder's name of it

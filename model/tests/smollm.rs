@@ -554,6 +554,178 @@ fn weight_bridge_round_trips_the_real_weights_exactly() {
     assert!(bridge.read(&slot[1..], &Device::Cpu).is_err());
 }
 
+/// A fresh f32 copy of the real model (the shared one cannot be adapted: `with_lora` takes it).
+fn fresh(m: &LoadedModel) -> Decoder {
+    let w = Weights::new(
+        m.decoder.named_parameters().into_iter().collect(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    Decoder::new(m.decoder.config(), &w, false).unwrap()
+}
+
+#[test]
+fn a_lora_bridge_publishes_the_adapters_alone_and_applies_them_exactly() {
+    let m = common::smollm();
+    let lora = LoraConfig::new(8, 16.0).unwrap();
+    let learner = fresh(m).with_lora(&lora, 3).unwrap();
+    let bridge = WeightBridge::for_decoder(&learner, &m.tokenizer).unwrap();
+    assert_eq!(bridge.lora(), Some(&lora));
+    // The manifest is the adapters': 2 tensors for each of 7 modules of 30 layers, r = 8.
+    let specs = bridge.manifest().tensors();
+    assert_eq!(specs.len(), 2 * 7 * m.decoder.config().num_layers);
+    assert_eq!(
+        specs[0].name,
+        "model.layers.0.self_attn.q_proj.lora_A.weight"
+    );
+    assert_eq!(specs[0].shape, [8, 576]);
+    assert_eq!(specs[13].name, "model.layers.0.mlp.down_proj.lora_B.weight");
+    assert_eq!(specs[13].shape, [576, 8]);
+    let whole = WeightBridge::new(m.decoder.config(), &m.tokenizer).unwrap();
+    assert!(
+        bridge.manifest().total_size() * 50 < whole.manifest().total_size(),
+        "{} adapter bytes against {} for the model",
+        bridge.manifest().total_size(),
+        whole.manifest().total_size()
+    );
+    assert_ne!(bridge.model_hash(), whole.model_hash());
+    // Move the adapters away from their initialisation (B = 0 publishes nothing telling).
+    let moved: Vec<(String, Tensor)> = learner
+        .lora_parameters()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (n, t))| {
+            let noise = Tensor::randn(0f32, 0.02, t.dims(), &Device::Cpu).unwrap();
+            let v = if i % 2 == 1 {
+                noise
+            } else {
+                (t + noise).unwrap()
+            };
+            (n, v)
+        })
+        .collect();
+    learner.set_lora_parameters(&moved).unwrap();
+    let mut slot = vec![0u8; bridge.manifest().total_size()];
+    bridge.write(&learner, &mut slot).unwrap();
+    // The server: its own base, adapted with another seed, then the published adapters.
+    let server = fresh(m).with_lora(&lora, 99).unwrap();
+    let server_bridge = WeightBridge::for_decoder(&server, &m.tokenizer).unwrap();
+    assert_eq!(server_bridge.model_hash(), bridge.model_hash());
+    let tensors = server_bridge.tensors(&slot, &Device::Cpu).unwrap();
+    let built = server_bridge
+        .apply(tensors, Some(&server), &Device::Cpu)
+        .unwrap();
+    assert!(built.is_none(), "LoRA sets the adapters in place");
+    for ((name, a), (_, b)) in learner
+        .lora_parameters()
+        .iter()
+        .zip(server.lora_parameters())
+    {
+        assert_eq!(common::max_abs_diff(a, &b), 0.0, "{name}");
+    }
+    // An 8-bit copy made before the publication follows it (it shares the adapters).
+    let x = Tensor::new(&[[1u32, 504, 3458, 28, 9]], &Device::Cpu).unwrap();
+    let fwd = |d: &Decoder| d.forward(&x, &mut ForwardCtx::new(full(m))).unwrap();
+    assert_eq!(max_abs_diff(&fwd(&learner), &fwd(&server)), 0.0);
+    let q_before = fresh(m)
+        .with_lora(&lora, 99)
+        .unwrap()
+        .quantized(WeightFormat::Q8_0)
+        .unwrap();
+    let late = fresh(m).with_lora(&lora, 99).unwrap();
+    let q_shared = late.quantized(WeightFormat::Q8_0).unwrap();
+    let before = fwd(&q_shared);
+    assert_eq!(max_abs_diff(&before, &fwd(&q_before)), 0.0);
+    server_bridge
+        .apply(
+            server_bridge.tensors(&slot, &Device::Cpu).unwrap(),
+            Some(&late),
+            &Device::Cpu,
+        )
+        .unwrap();
+    let after = fwd(&q_shared);
+    assert!(
+        max_abs_diff(&before, &after) > 1e-3,
+        "the copy did not follow"
+    );
+    assert_eq!(
+        max_abs_diff(
+            &after,
+            &fwd(&learner.quantized(WeightFormat::Q8_0).unwrap())
+        ),
+        0.0
+    );
+
+    // Another base (one value changed), another rank, alpha or target set: another hash.
+    let mut params: std::collections::HashMap<String, Tensor> =
+        m.decoder.named_parameters().into_iter().collect();
+    let name = "model.layers.29.mlp.down_proj.weight";
+    let w = params[name].flatten_all().unwrap();
+    let n = w.dim(0).unwrap();
+    let bumped = Tensor::cat(
+        &[
+            w.narrow(0, 0, n - 1).unwrap(),
+            (w.narrow(0, n - 1, 1).unwrap() + 1.0).unwrap(),
+        ],
+        0,
+    )
+    .unwrap()
+    .reshape(params[name].dims())
+    .unwrap();
+    params.insert(name.into(), bumped);
+    let other_base = Decoder::new(
+        m.decoder.config(),
+        &Weights::new(params, DType::F32, &Device::Cpu).unwrap(),
+        false,
+    )
+    .unwrap()
+    .with_lora(&lora, 3)
+    .unwrap();
+    let hash = |d: &Decoder| {
+        WeightBridge::for_decoder(d, &m.tokenizer)
+            .unwrap()
+            .model_hash()
+            .to_string()
+    };
+    assert_ne!(hash(&other_base), bridge.model_hash(), "another base");
+    for other in [
+        LoraConfig::new(4, 16.0).unwrap(),
+        LoraConfig::new(8, 8.0).unwrap(),
+        LoraConfig::with_targets(8, 16.0, [LoraTarget::Q, LoraTarget::V]).unwrap(),
+    ] {
+        assert_ne!(
+            hash(&fresh(m).with_lora(&other, 3).unwrap()),
+            bridge.model_hash(),
+            "{other:?}"
+        );
+    }
+    // A decoder whose adapters are not the bridge's is refused, and so is a whole-model read.
+    let attn = fresh(m)
+        .with_lora(
+            &LoraConfig::with_targets(8, 16.0, [LoraTarget::Q]).unwrap(),
+            3,
+        )
+        .unwrap();
+    assert!(bridge.write(&attn, &mut slot).is_err());
+    assert!(bridge.write(&m.decoder, &mut slot).is_err());
+    assert!(bridge.read(&slot, &Device::Cpu).is_err());
+    assert!(bridge
+        .apply(
+            bridge.tensors(&slot, &Device::Cpu).unwrap(),
+            Some(&attn),
+            &Device::Cpu
+        )
+        .is_err());
+    assert!(bridge
+        .apply(
+            bridge.tensors(&slot, &Device::Cpu).unwrap(),
+            None,
+            &Device::Cpu
+        )
+        .is_err());
+}
+
 #[test]
 fn q8_behavior_logprobs_stay_within_a_tenth_of_a_nat_of_f32() {
     // The 8-bit behavior scores a GSM8K-style solution within 0.1 nats per token of f32 on

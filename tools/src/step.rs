@@ -15,13 +15,36 @@
 use crate::service::{nap, stopping, Notifier};
 use anyhow::{bail, Context, Result};
 use learner::{Learner, StepStats};
-use model::{Decoder, LayerPlan, Tokenizer, WeightFormat};
+use model::{Decoder, LayerPlan, LoraConfig, Tokenizer, WeightFormat};
 use protocol::RolloutRecord;
 use rollout_server::{Generator, RolloutBatch};
 use serde::Serialize;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
+
+/// The model as the run trains it: `decoder` itself for full fine-tuning, or with LoRA
+/// adapters on a frozen base (the adapters' initial A drawn from `seed`). Every process of a
+/// run adapts its own copy of the base the same way.
+pub fn adapt(decoder: Decoder, lora: Option<&LoraConfig>, seed: u64) -> Result<Decoder> {
+    match lora {
+        None => Ok(decoder),
+        Some(l) => decoder
+            .with_lora(l, seed)
+            .context("while adding the LoRA adapters"),
+    }
+}
+
+/// The behavior of a LoRA model: one copy of `adapted` whose base is re-quantized to `format`
+/// (an f32 copy for f32) and whose adapters stay f32 and shared with `adapted`, built once:
+/// adapters set on `adapted` later (by an update or a publication) show in the copy, so the
+/// base is quantized once per run rather than after every update. The adapters run unmerged,
+/// as two thin matmuls beside each base matmul (see `bench behaviors --lora-rank`).
+pub fn lora_behavior(adapted: &Decoder, format: WeightFormat) -> Result<Decoder> {
+    adapted
+        .quantized(format)
+        .with_context(|| format!("while building the {format} behavior of the LoRA model"))
+}
 
 /// The behavior for weights `weights`: the weights themselves for an f32 behavior (`None`:
 /// sample from `weights`), else their re-quantization to `format`, rebuilt from every new set

@@ -12,7 +12,7 @@
 //! whether the weights travel through device slots.
 
 use anyhow::Result;
-use model::candle_core::Device;
+use model::candle_core::{Device, Tensor};
 use model::{Decoder, WeightBridge};
 use protocol::control::IpcHandles;
 use protocol::{Pinned, Writer};
@@ -81,14 +81,15 @@ impl ServerSlots {
         self.generation
     }
 
-    /// A frozen decoder on `device` with the weights of the pinned slot, copied out device to
-    /// device; returns once the copies are done (the pin may be dropped then).
+    /// New tensors on `device` with the published tensors of the pinned slot (manifest order),
+    /// copied out device to device; returns once the copies are done (the pin may be dropped
+    /// then).
     pub fn load(
         &self,
         pinned: &Pinned<'_>,
         bridge: &WeightBridge,
         device: &Device,
-    ) -> Result<Decoder> {
+    ) -> Result<Vec<(String, Tensor)>> {
         imp::load(self, pinned, bridge, device)
     }
 }
@@ -170,17 +171,17 @@ mod imp {
         pinned: &Pinned<'_>,
         bridge: &WeightBridge,
         device: &Device,
-    ) -> Result<Decoder> {
+    ) -> Result<Vec<(String, Tensor)>> {
         let stream = model::cuda_stream(device)?;
         bind(device)?;
         // SAFETY: candle's stream of `device`, in the current context; the copies that read the
-        // slot complete inside `decoder_from_device` (it synchronises), before `pinned` drops.
+        // slot complete inside `tensors_from_device` (it synchronises), before `pinned` drops.
         let src = unsafe { me.view.wait(pinned, stream.cu_stream()) }
             .context("while waiting for the published weights")?;
         // SAFETY: `src` is the pinned slot's mapped buffer of `total_size` bytes (the handles
         // were checked against this manifest), the stream waits for the copy that filled it,
         // and the pin keeps the learner from writing it until this returns.
-        Ok(unsafe { bridge.decoder_from_device(src, device) }?)
+        Ok(unsafe { bridge.tensors_from_device(src, device) }?)
     }
 
     fn bind(device: &Device) -> Result<()> {
@@ -231,7 +232,7 @@ mod imp {
         _pinned: &Pinned<'_>,
         _bridge: &WeightBridge,
         _device: &Device,
-    ) -> Result<Decoder> {
+    ) -> Result<Vec<(String, Tensor)>> {
         bail!(NO_CUDA)
     }
 }

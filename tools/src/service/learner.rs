@@ -60,6 +60,10 @@ pub struct LearnerArgs {
     /// state, 3: the manifest, 4: LATEST).
     #[arg(long, value_name = "C:F", hide = true, value_parser = parse_fault)]
     pub fail_checkpoint_write: Option<(u64, learner::WriteFault)>,
+    /// Fault injection for tests: the weights of this policy version are not published (the
+    /// server is still told the version was trained, and must refuse to sample on).
+    #[arg(long, value_name = "VERSION", hide = true)]
+    pub drop_publication: Option<u64>,
 }
 
 /// One line of the learner's `metrics.jsonl`.
@@ -280,8 +284,17 @@ pub fn main(args: LearnerArgs) -> Result<()> {
         steps,
         args.common.peer_timeout()?,
         &stop,
-        args.fail_checkpoint_write,
+        Faults {
+            checkpoint_write: args.fail_checkpoint_write,
+            drop_publication: args.drop_publication,
+        },
     )
+}
+
+/// Faults injected by tests.
+struct Faults {
+    checkpoint_write: Option<(u64, learner::WriteFault)>,
+    drop_publication: Option<u64>,
 }
 
 fn run(
@@ -291,10 +304,11 @@ fn run(
     steps: u64,
     peer_timeout: Duration,
     stop: &AtomicBool,
-    fault: Option<(u64, learner::WriteFault)>,
+    faults: Faults,
 ) -> Result<()> {
     let mut svc = Service::start(cfg, paths)?;
-    svc.ckpt.fault = fault;
+    svc.ckpt.fault = faults.checkpoint_write;
+    svc.drop_publication = faults.drop_publication;
     if resume {
         svc.resume()?;
     }
@@ -416,8 +430,13 @@ fn run(
     }
     if cfg.save_model && svc.step > 0 {
         let dir = paths.state_dir.join("model");
-        crate::train::save_model(&svc.learner, &svc.tokenizer, &dir)?;
+        let base = crate::train::base_model_name(cfg.model.as_deref());
+        crate::train::save_model(&svc.learner, &svc.tokenizer, &dir, &base)?;
         info!("saved the model of step {} to {}", svc.step, dir.display());
+        if cfg.lora.is_some() {
+            let adapter = crate::train::adapter_dir(&dir);
+            info!("saved the LoRA adapter to {}", adapter.display());
+        }
     }
     if !finished {
         info!(step = svc.step, "stopped");
@@ -472,6 +491,11 @@ struct Service<'a> {
     device_slots: Option<LearnerSlots>,
     control: Option<ControlLink>,
     last_notice: Instant,
+    /// With LoRA: the behavior's copy of the model (base quantized once, adapters shared),
+    /// which the learner's probe scores.
+    lora_behavior: Option<model::Decoder>,
+    /// Test fault: the policy version whose publication is skipped.
+    drop_publication: Option<u64>,
 }
 
 impl<'a> Service<'a> {
@@ -489,8 +513,9 @@ impl<'a> Service<'a> {
         )
         .context("while loading the model")?;
         let tokenizer = loaded.tokenizer.clone();
-        let bridge = WeightBridge::new(loaded.decoder.config(), &loaded.tokenizer)?;
-        let num_layers = loaded.decoder.config().num_layers;
+        let decoder = step::adapt(loaded.decoder, cfg.lora.as_ref(), cfg.seed)?;
+        let bridge = WeightBridge::for_decoder(&decoder, &tokenizer)?;
+        let num_layers = decoder.config().num_layers;
         let reference = if cfg.update.kl_coef > 0.0 {
             let opts = LoadOptions {
                 device,
@@ -500,8 +525,22 @@ impl<'a> Service<'a> {
         } else {
             None
         };
-        let learner = Learner::new(loaded.decoder, reference, cfg.update.clone())
+        let learner = Learner::new(decoder, reference, cfg.update.clone())
             .context("while setting up the learner")?;
+        let format = cfg.plan.weight_format()?;
+        let lora_behavior = match cfg.lora {
+            Some(_) => Some(step::lora_behavior(learner.model(), format)?),
+            None => None,
+        };
+        if let Some(l) = &cfg.lora {
+            info!(
+                rank = l.rank(),
+                alpha = l.alpha(),
+                adapter_tensors = bridge.manifest().tensors().len(),
+                adapter_bytes = bridge.manifest().total_size(),
+                "training LoRA adapters on a frozen base"
+            );
+        }
         Ok(Self {
             cfg,
             paths,
@@ -511,7 +550,7 @@ impl<'a> Service<'a> {
             tokenizer,
             bridge,
             num_layers,
-            format: cfg.plan.weight_format()?,
+            format,
             probes: ProbeChecks::default(),
             ckpt_root: paths.state_dir.join("checkpoints"),
             metrics_path: paths.state_dir.join("metrics.jsonl"),
@@ -526,7 +565,20 @@ impl<'a> Service<'a> {
             device_slots: None,
             control: None,
             last_notice: Instant::now(),
+            lora_behavior,
+            drop_publication: None,
         })
+    }
+
+    /// The learner's side of the weight probe: the probe under its current weights as the
+    /// behavior sees them.
+    fn own_probe(&self) -> Result<Vec<f32>> {
+        match &self.lora_behavior {
+            Some(b) => self.probe.score(b),
+            None => self
+                .probe
+                .score_as_behavior(self.learner.model(), self.format),
+        }
     }
 
     /// Continues from the latest complete checkpoint, if any; steps logged after it are
@@ -606,11 +658,8 @@ impl<'a> Service<'a> {
             "published the weights (generation {})",
             writer.generation()
         );
-        self.probes.learner(
-            self.learner.version(),
-            self.probe
-                .score_as_behavior(self.learner.model(), self.format)?,
-        );
+        self.probes
+            .learner(self.learner.version(), self.own_probe()?);
         Ok(writer)
     }
 
@@ -765,6 +814,13 @@ impl<'a> Service<'a> {
         if writer.version() == version + 1 {
             return Ok(out);
         }
+        if self.drop_publication == Some(version) {
+            warn!(
+                policy_version = version,
+                "fault injection: the weights of this version are not published"
+            );
+            return Ok(out);
+        }
         let t = unix_now();
         publish(
             writer,
@@ -778,11 +834,8 @@ impl<'a> Service<'a> {
             out.weights_sum = Some(self.bridge.checksum(self.learner.model())?);
         }
         let t = unix_now();
-        self.probes.learner(
-            version,
-            self.probe
-                .score_as_behavior(self.learner.model(), self.format)?,
-        );
+        let own = self.own_probe()?;
+        self.probes.learner(version, own);
         out.probe_s = unix_now() - t;
         timeline.push("probe", t, unix_now());
         Ok(out)

@@ -56,6 +56,9 @@ pub struct ServiceArgs {
     /// How long to wait for the other process at startup before giving up, in seconds.
     #[arg(long, default_value_t = 600.0, value_name = "SECONDS")]
     pub peer_timeout: f64,
+    /// Override the config's `[lora]` (both services must agree).
+    #[command(flatten)]
+    pub lora: crate::train::LoraArgs,
 }
 
 /// Resolved locations of one service process.
@@ -98,7 +101,9 @@ impl ServiceArgs {
 
     /// Reads and validates the configuration file.
     pub fn load_config(&self) -> Result<TrainFile> {
-        crate::train::load_config_file(self.config.as_deref())
+        let mut cfg = crate::train::load_config_file(self.config.as_deref())?;
+        self.lora.apply(&mut cfg.lora)?;
+        Ok(cfg)
     }
 
     /// Resolves the directories; `role` names the state sub-directory when the state

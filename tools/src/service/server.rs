@@ -280,6 +280,12 @@ struct Server<'a> {
     device_slots: Option<ServerSlots>,
     /// The behavior: policy version, and (store generation, its model).
     behavior: Option<(u64, (u64, Decoder))>,
+    /// With LoRA: this process's base with adapters, which each publication's adapters are
+    /// set into (the behavior is a copy sharing them).
+    lora_base: Option<Decoder>,
+    /// The newest policy version the learner reported trained (reset when it reconnects):
+    /// the store must hold it before the server samples again.
+    learner_version: Option<u64>,
     /// Records per batch (the last batch's count once one was pushed).
     per_batch: u64,
     /// Batches pushed and not yet trained.
@@ -303,10 +309,22 @@ impl<'a> Server<'a> {
             },
         )
         .context("while loading the model")?;
-        let bridge = WeightBridge::new(loaded.decoder.config(), &loaded.tokenizer)?;
         let device = loaded.decoder.device().clone();
         let model_cfg = loaded.decoder.config().clone();
-        drop(loaded.decoder);
+        // With LoRA only the adapters travel: this process keeps the base (the same file the
+        // learner loads; the handshake compares fingerprints). Without, the weights come whole
+        // from the learner and the loaded copy goes.
+        let lora_base = match &cfg.lora {
+            Some(l) => Some(step::adapt(loaded.decoder, Some(l), cfg.seed)?),
+            None => {
+                drop(loaded.decoder);
+                None
+            }
+        };
+        let bridge = match &lora_base {
+            Some(d) => WeightBridge::for_decoder(d, &loaded.tokenizer)?,
+            None => WeightBridge::new(&model_cfg, &loaded.tokenizer)?,
+        };
         let probe = Probe::new(&loaded.tokenizer)?;
         let mut generator = cfg.generator(
             &crate::train::ModelSource {
@@ -368,6 +386,8 @@ impl<'a> Server<'a> {
             control,
             device_slots: None,
             behavior: None,
+            lora_base,
+            learner_version: None,
             per_batch: records_per_batch(cfg),
             in_flight: 0,
             shutdown: false,
@@ -390,6 +410,7 @@ impl<'a> Server<'a> {
                                 policy_version = peer.policy_version,
                                 "handshake with the learner succeeded"
                             );
+                            self.learner_version = Some(peer.policy_version);
                             self.catch_up(peer.batch_id)?;
                         }
                         Event::DeviceSlots(h) => self.open_slots(&h)?,
@@ -466,6 +487,7 @@ impl<'a> Server<'a> {
     fn on_event(&mut self, ev: Event) -> Result<()> {
         match ev {
             Event::Connected(peer) => {
+                self.learner_version = Some(peer.policy_version);
                 self.catch_up(peer.batch_id)?;
                 self.in_flight = self.ring.len().div_ceil(self.per_batch);
                 info!(
@@ -480,6 +502,8 @@ impl<'a> Server<'a> {
                 kl_behavior,
             } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
+                self.learner_version =
+                    Some(self.learner_version.map_or(version, |v| v.max(version)));
                 // Batches up to this one will never be asked for again.
                 self.pending.retain(|s| s.next_batch_id > batch_id);
                 tracing::debug!(batch_id, policy_version = version, "trained");
@@ -498,6 +522,8 @@ impl<'a> Server<'a> {
             Event::Lost => {
                 // The handles belong to that learner: a new one sends its own.
                 self.device_slots = None;
+                // A restarted learner may resume from an older version.
+                self.learner_version = None;
                 warn!("lost the control channel to the learner; waiting for it to come back")
             }
         }
@@ -535,6 +561,7 @@ impl<'a> Server<'a> {
         let t = unix_now();
         let generation = reader.writer_generation();
         let latest = reader.latest_version();
+        self.check_published(latest)?;
         if self
             .behavior
             .as_ref()
@@ -549,7 +576,7 @@ impl<'a> Server<'a> {
         {
             return Ok(None);
         }
-        let (version, weights) = {
+        let (version, tensors) = {
             let pinned = match reader.pin() {
                 Ok(p) => p,
                 Err(PinError::NothingPublished) => return Ok(None),
@@ -559,7 +586,7 @@ impl<'a> Server<'a> {
                 Some(slots) => slots.load(&pinned, &self.bridge, &self.device),
                 None => self
                     .bridge
-                    .decoder(pinned.bytes(), &self.device)
+                    .tensors(pinned.bytes(), &self.device)
                     .map_err(Into::into),
             }
             .context("while loading the published weights")?;
@@ -571,12 +598,32 @@ impl<'a> Server<'a> {
             (pinned.version() - 1, d)
         };
         let mut load = Load::default();
-        if self.device_slots.is_some() {
-            load.weights_sum = Some(self.bridge.checksum(&weights)?);
-        }
-        let behavior = match step::behavior_model(&weights, self.format)? {
-            Some(q) => q,
-            None => weights,
+        let behavior = match self
+            .bridge
+            .apply(tensors, self.lora_base.as_ref(), &self.device)
+            .context("while loading the published weights")?
+        {
+            // Whole weights: a new decoder, re-quantized for an 8-bit behavior.
+            Some(weights) => {
+                if self.device_slots.is_some() {
+                    load.weights_sum = Some(self.bridge.checksum(&weights)?);
+                }
+                match step::behavior_model(&weights, self.format)? {
+                    Some(q) => q,
+                    None => weights,
+                }
+            }
+            // LoRA: the adapters were set into the base; the behavior shares them.
+            None => {
+                let base = self.lora_base.as_ref().context("no LoRA base")?;
+                if self.device_slots.is_some() {
+                    load.weights_sum = Some(self.bridge.checksum(base)?);
+                }
+                match self.behavior.take() {
+                    Some((_, (_, b))) => b,
+                    None => step::lora_behavior(base, self.format)?,
+                }
+            }
         };
         load.load_s = unix_now() - t;
         timeline.push("load", t, unix_now());
@@ -588,6 +635,29 @@ impl<'a> Server<'a> {
         timeline.push("probe", t, unix_now());
         self.behavior = Some((version, (generation, behavior)));
         Ok(Some(load))
+    }
+
+    /// Refuses to sample on when the learner reported a policy version trained that the store
+    /// (newest version `latest`, which holds policy `latest - 1`) does not hold: the learner
+    /// publishes before it reports, so a missing version is a lost publication, and sampling
+    /// on would silently use stale weights (with LoRA: stale adapters).
+    fn check_published(&self, latest: u64) -> Result<()> {
+        let Some(trained) = self.learner_version else {
+            return Ok(());
+        };
+        let held = latest.checked_sub(1);
+        if held.is_none_or(|h| h < trained) {
+            let held = held.map_or("nothing".to_string(), |h| format!("policy version {h}"));
+            anyhow::bail!(
+                "the learner reported policy version {trained} trained, but the weight store                  holds {held}: the publication of version {trained} did not arrive; refusing                  to sample from stale {}",
+                if self.lora_base.is_some() {
+                    "adapters"
+                } else {
+                    "weights"
+                }
+            );
+        }
+        Ok(())
     }
 
     /// Pushes a batch's records into the ring; false when stopped while the ring was full.

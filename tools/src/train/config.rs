@@ -182,6 +182,10 @@ pub struct TrainFile {
     /// after which a process that still holds its side of the ring is reported hung, by name
     /// and pid; `nested-reft train` then stops the run.
     pub hang_timeout_s: f64,
+    /// LoRA: train low-rank adapters on a frozen base instead of every weight (`[lora]` with
+    /// `rank`, `alpha` (default 2·rank) and `targets` (default all seven linear layers));
+    /// absent: full fine-tuning.
+    pub lora: Option<model::LoraConfig>,
 }
 
 /// Defaults of `nested-reft train` with no arguments: the embedded SmolLM2-135M on level-1
@@ -229,7 +233,72 @@ impl Default for TrainFile {
             // Three default CPU steps: far beyond any scheduling delay of a beating thread,
             // short enough that a stopped run does not sit for the watchdog's 5 minutes.
             hang_timeout_s: 60.0,
+            lora: None,
         }
+    }
+}
+
+/// The LoRA flags of `nested-reft train` and of both services (which must agree: the
+/// handshake refuses a peer with other adapters).
+#[derive(Debug, Clone, Default, Args)]
+pub struct LoraArgs {
+    /// Train LoRA adapters of rank R on a frozen base instead of every weight (0: full
+    /// fine-tuning, overriding a config file's `[lora]`). The learner keeps no gradients or
+    /// optimizer state for the base, checkpoints and publishes the adapters alone, and the
+    /// run's `adapter/` holds them as a PEFT adapter beside the merged `model/`.
+    #[arg(long, value_name = "R", env = "NESTED_REFT_LORA_RANK")]
+    pub lora_rank: Option<usize>,
+    /// LoRA scale numerator: the adapters' update is scaled by alpha / R [default: 2·R].
+    #[arg(long, value_name = "ALPHA", env = "NESTED_REFT_LORA_ALPHA")]
+    pub lora_alpha: Option<f64>,
+    /// The linear layers of every decoder layer that get adapters, comma-separated from q, k,
+    /// v, o, gate, up, down (or `all`) [default: all].
+    #[arg(long, value_name = "LIST", env = "NESTED_REFT_LORA_TARGETS")]
+    pub lora_targets: Option<String>,
+}
+
+impl LoraArgs {
+    /// Applies the flags to the configuration's `lora`: a rank (re)sets it, alpha and the
+    /// targets adjust it (given alone, they need a `[lora]` in the file).
+    pub fn apply(&self, lora: &mut Option<model::LoraConfig>) -> Result<()> {
+        let targets = match &self.lora_targets {
+            Some(list) => Some(
+                model::LoraConfig::parse_targets(list)
+                    .with_context(|| format!("while reading --lora-targets {list:?}"))?,
+            ),
+            None => None,
+        };
+        let rank = match (self.lora_rank, lora.as_ref()) {
+            (Some(0), _) => {
+                if self.lora_alpha.is_some() || targets.is_some() {
+                    bail!("--lora-alpha and --lora-targets need a LoRA rank above 0");
+                }
+                *lora = None;
+                return Ok(());
+            }
+            (Some(r), _) => r,
+            (None, Some(l)) => l.rank(),
+            (None, None) => {
+                if self.lora_alpha.is_some() || targets.is_some() {
+                    bail!("--lora-alpha and --lora-targets need --lora-rank (or a [lora] section)");
+                }
+                return Ok(());
+            }
+        };
+        // A new rank without its own alpha takes the default for that rank, so that the
+        // scale alpha/r stays what the default promises.
+        let alpha = match (self.lora_alpha, self.lora_rank, lora.as_ref()) {
+            (Some(a), _, _) => a,
+            (None, None, Some(l)) => l.alpha(),
+            _ => model::LoraConfig::default_alpha(rank),
+        };
+        let targets = targets
+            .or_else(|| lora.as_ref().map(|l| l.targets().clone()))
+            .unwrap_or_else(|| model::LoraTarget::ALL.into_iter().collect());
+        *lora = Some(
+            model::LoraConfig::with_targets(rank, alpha, targets).context("invalid LoRA flags")?,
+        );
+        Ok(())
     }
 }
 
@@ -368,6 +437,8 @@ pub struct TrainArgs {
     /// the run stops [default: 60].
     #[arg(long, value_name = "SECONDS")]
     pub hang_timeout: Option<f64>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
 }
 
 /// `--normalizer` values.
@@ -533,6 +604,7 @@ impl TrainArgs {
             g.temperature = t;
             f.update.temperature = t;
         }
+        self.lora.apply(&mut f.lora)?;
         Ok(())
     }
 }

@@ -7,7 +7,8 @@ pub mod plot;
 pub mod procs;
 
 pub use config::{
-    load_config_file, CheckpointFailure, Mode, ModelSource, TrainArgs, TrainConfig, TrainFile,
+    load_config_file, CheckpointFailure, LoraArgs, Mode, ModelSource, TrainArgs, TrainConfig,
+    TrainFile,
 };
 
 use crate::probe::{Probe, ProbeCheck};
@@ -20,7 +21,7 @@ use rollout_server::GenerationStats;
 use serde::Serialize;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -107,8 +108,14 @@ fn train(cfg: &TrainConfig) -> Result<()> {
     } else {
         None
     };
-    let mut learner = Learner::new(loaded.decoder, reference, f.update.clone())
+    let decoder = step::adapt(loaded.decoder, f.lora.as_ref(), f.seed)?;
+    let mut learner = Learner::new(decoder, reference, f.update.clone())
         .context("while setting up the learner")?;
+    // With LoRA the behavior is one copy sharing the trained adapters (its base quantized once).
+    let lora_behavior = match f.lora {
+        Some(_) => Some(step::lora_behavior(learner.model(), format)?),
+        None => None,
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     // A second Ctrl-C while the flag is already set ends the process at once.
@@ -144,19 +151,24 @@ fn train(cfg: &TrainConfig) -> Result<()> {
     let mut curve = Vec::new();
     for step in 0..f.steps {
         let t0 = Instant::now();
-        // Take weights: the behavior is the learner's model (re-quantized for 8 bits).
-        let behavior = step::behavior_model(learner.model(), format)?;
+        // Take weights: the behavior is the learner's model (re-quantized for 8 bits; with
+        // LoRA, the copy sharing its adapters).
+        let requantized = match &lora_behavior {
+            Some(_) => None,
+            None => step::behavior_model(learner.model(), format)?,
+        };
+        let behavior = lora_behavior.as_ref().or(requantized.as_ref());
         // Draw the plan, generate, score, make the records.
         let batch = step::generate(
             &mut generator,
-            behavior.as_ref().unwrap_or(learner.model()),
+            behavior.unwrap_or(learner.model()),
             learner.version(),
         )?;
-        let probes = match &behavior {
+        let probes = match behavior {
             Some(b) => vec![check_behavior(&probe, &learner, b, format, &bar)?],
             None => Vec::new(),
         };
-        drop(behavior);
+        drop(requantized);
         // Update.
         let stats = step::update(&mut learner, batch.batch_id, &batch.groups)?;
         let kl = step::measured_kl(Some(&stats));
@@ -218,8 +230,16 @@ fn train(cfg: &TrainConfig) -> Result<()> {
     eprintln!("plot:    {}", out.join("reward.svg").display());
     if f.save_model {
         let dir = out.join("model");
-        save_model(&learner, &tokenizer, &dir)?;
+        save_model(
+            &learner,
+            &tokenizer,
+            &dir,
+            &base_model_name(f.model.as_deref()),
+        )?;
         eprintln!("model:   {}", dir.display());
+        if f.lora.is_some() {
+            eprintln!("adapter: {}", adapter_dir(&dir).display());
+        }
     }
     eprintln!("{}", space_line(out));
     Ok(())
@@ -354,16 +374,63 @@ pub(crate) fn progress_bar(steps: u64) -> ProgressBar {
     bar
 }
 
+/// The name a PEFT adapter gives its base model: the model path of the run, or for the
+/// embedded default model the name of the model it was converted from.
+pub fn base_model_name(model: Option<&Path>) -> String {
+    match model {
+        Some(p) => std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .display()
+            .to_string(),
+        None => "HuggingFaceTB/SmolLM2-135M-Instruct".to_string(),
+    }
+}
+
+/// Where a run's PEFT adapter goes: `adapter/` beside the model directory `model_dir`.
+pub fn adapter_dir(model_dir: &Path) -> PathBuf {
+    model_dir.with_file_name("adapter")
+}
+
 /// Writes the model to `<dir>.tmp`, then swaps it in with renames, so `dir` is always either
-/// the old complete model or the new complete one.
-pub fn save_model(learner: &Learner, tokenizer: &model::Tokenizer, dir: &Path) -> Result<()> {
+/// the old complete model or the new complete one. A LoRA model is written merged (a plain
+/// model computing what the adapted one computes), and its adapters alone as a PEFT adapter
+/// directory for `base_model` in [`adapter_dir`]`(dir)`, swapped in the same way.
+pub fn save_model(
+    learner: &Learner,
+    tokenizer: &model::Tokenizer,
+    dir: &Path,
+    base_model: &str,
+) -> Result<()> {
+    let model = learner.model();
+    if model.lora().is_some() {
+        let merged = model
+            .merged()
+            .context("while merging the adapters into the base")?;
+        swap_in(dir, |tmp| {
+            model::save_pretrained(&merged, tokenizer, tmp)
+                .with_context(|| format!("while saving the model to {}", tmp.display()))
+        })?;
+        return swap_in(&adapter_dir(dir), |tmp| {
+            model
+                .save_peft_adapter(tmp, base_model)
+                .with_context(|| format!("while saving the adapter to {}", tmp.display()))
+        });
+    }
+    swap_in(dir, |tmp| {
+        model::save_pretrained(model, tokenizer, tmp)
+            .with_context(|| format!("while saving the model to {}", tmp.display()))
+    })
+}
+
+/// Writes a directory as `<dir>.tmp` with `write`, then renames it to `dir` (the old one moved
+/// aside first and removed last).
+fn swap_in(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("while removing {}", tmp.display()))?;
     }
-    model::save_pretrained(learner.model(), tokenizer, &tmp)
-        .with_context(|| format!("while saving the model to {}", tmp.display()))?;
+    write(&tmp)?;
     let old = dir.with_extension("old");
     if dir.exists() {
         std::fs::rename(dir, &old)

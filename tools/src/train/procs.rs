@@ -465,6 +465,9 @@ fn report(cfg: &TrainConfig, curve: &[(u64, f64, f64)]) -> Result<()> {
     eprintln!("plot:    {}", out.join("reward.svg").display());
     if f.save_model && out.join("model").is_dir() {
         eprintln!("model:   {}", out.join("model").display());
+        if out.join("adapter").is_dir() {
+            eprintln!("adapter: {}", out.join("adapter").display());
+        }
     }
     if matches!(f.mode, Mode::Sync | Mode::Async) {
         eprintln!("checkpoints: {}", out.join("checkpoints").display());
