@@ -326,6 +326,9 @@ impl Proj {
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>, kernels: Kernels) -> Result<Tensor> {
         let y = match &self.w {
             Lin::Dense(w) if self.frozen && kernels == Kernels::Differentiable => {
+                if let Some(ad) = &self.lora {
+                    return linear_frozen_lora(x, w, ad, bias);
+                }
                 linear_frozen(x, w, bias)?
             }
             w => linear(x, w, bias)?,
@@ -348,6 +351,21 @@ fn linear_frozen(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut out_shape = lead.to_vec();
     out_shape.push(w.dim(0)?);
     let y = ops::frozen_linear(&x.contiguous()?.reshape((rows, k[0]))?, w)?.reshape(out_shape)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// [`linear_frozen`] with the layer's adapter, as one node ([`ops::frozen_lora_linear`]).
+fn linear_frozen_lora(x: &Tensor, w: &Tensor, ad: &Adapter, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let (lead, k) = dims.split_at(dims.len() - 1);
+    let rows: usize = lead.iter().product();
+    let mut out_shape = lead.to_vec();
+    out_shape.push(w.dim(0)?);
+    let x2 = x.contiguous()?.reshape((rows, k[0]))?;
+    let y = ops::frozen_lora_linear(&x2, w, &ad.a, &ad.b, ad.scale)?.reshape(out_shape)?;
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,

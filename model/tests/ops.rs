@@ -299,6 +299,31 @@ fn cases() -> Vec<Case> {
             differentiable: vec![true, true],
         },
     ];
+    // The LoRA layer: a frozen weight (no gradient) and trained adapters; without the input's
+    // gradient too (the first layer, whose input is the frozen embedding).
+    for (name, x_trains) in [
+        ("frozen_lora_linear", true),
+        ("frozen_lora_linear (input not trained)", false),
+    ] {
+        out.push(Case {
+            name,
+            new: Box::new(|t| ops::frozen_lora_linear(&t[0], &t[1], &t[2], &t[3], 1.7).unwrap()),
+            old: Box::new(|t| {
+                let base = t[0].matmul(&t[1].detach().t().unwrap()).unwrap();
+                let low = (t[0].matmul(&t[2].t().unwrap()).unwrap() * 1.7).unwrap();
+                (base + low.matmul(&t[3].t().unwrap()).unwrap()).unwrap()
+            }),
+            inputs: |r, d| {
+                vec![
+                    random(r, &[9, 6], 1.5, d),
+                    random(r, &[5, 6], 1.0, d),
+                    random(r, &[3, 6], 1.0, d),
+                    random(r, &[5, 3], 1.0, d),
+                ]
+            },
+            differentiable: vec![x_trains, false, true, true],
+        });
+    }
     for (temperature, chunks) in [
         (1.0, ops::HeadChunks::default()),
         (0.7, ops::HeadChunks { rows: 2, vocab: 3 }),

@@ -149,13 +149,37 @@ fn bench_train_grpo_compares_layouts_on_one_batch() {
     for other in ["padded", "shared", "packed"] {
         assert!(get("shared-packed", "computed_tokens") < get(other, "computed_tokens"));
     }
-    // The saved workload replays: the same batch again.
-    let again = run(&["--layouts", "shared-packed"]);
+    // The saved workload replays: the same batch again, here with LoRA beside full
+    // fine-tuning. LoRA trains a fraction of the parameters, and its checkpoint holds only
+    // them and their moments.
+    let again = run(&["--layouts", "shared-packed", "--lora-ranks", "0,2"]);
     assert_eq!(again["completion_tokens"], v["completion_tokens"]);
     assert_eq!(
         again["runs"][0]["computed_tokens"],
         v["runs"][3]["computed_tokens"]
     );
+    let (full, lora) = (&again["runs"][0], &again["runs"][1]);
+    assert_eq!(
+        (full["lora_rank"].as_u64(), lora["lora_rank"].as_u64()),
+        (Some(0), Some(2))
+    );
+    assert_eq!(full["completion_tokens"], lora["completion_tokens"]);
+    let n = |r: &Value, k: &str| r[k].as_f64().unwrap();
+    assert!(
+        n(lora, "trainable_params") * 4.0 < n(full, "trainable_params"),
+        "{again}"
+    );
+    // Parameters + two moments (f32), plus the small state and manifest files.
+    for r in [full, lora] {
+        let tensors = 3.0 * 4.0 * n(r, "trainable_params");
+        assert!(
+            n(r, "checkpoint_bytes") > tensors && n(r, "checkpoint_bytes") < tensors + 64e3,
+            "{r}"
+        );
+        assert!(n(r, "checkpoint_s") > 0.0, "{r}");
+        // The random model has no tokenizer: no publication is measured.
+        assert!(r["publish_bytes"].is_null(), "{r}");
+    }
     // A file that is not a workload is refused by name.
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "{}").unwrap();

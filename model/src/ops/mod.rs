@@ -18,8 +18,10 @@ use candle_core::{
 };
 use std::sync::Mutex;
 
+mod lora;
 mod segments;
 
+pub use lora::frozen_lora_linear;
 pub use segments::{segment_attention, segment_attention_composed, AttnSegment};
 
 /// How [`head_logprobs_chunked`] splits its work: its memory is about

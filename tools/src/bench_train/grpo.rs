@@ -14,7 +14,9 @@ use model::DeviceSpec;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::{gemm_rate, load, model_label, peak_rss, BenchTrainArgs, BenchTrainChildArgs};
+use super::{
+    gemm_rate, load_with_tokenizer, model_label, peak_rss, BenchTrainArgs, BenchTrainChildArgs,
+};
 
 /// The learner layouts `bench train --grpo` compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -213,8 +215,26 @@ pub struct GrpoRun {
     pub computed_tokens_per_s: f64,
     /// Best GFLOP/s of the reference GEMM (the output head's shape at the batch's tokens).
     pub gemm_gflops: f64,
-    /// Peak resident set size of the child (VmHWM), bytes.
+    /// Peak resident set size of the child (VmHWM), bytes, after the training steps.
     pub peak_rss_bytes: u64,
+    /// LoRA rank (0: full fine-tuning).
+    #[serde(default)]
+    pub lora_rank: usize,
+    /// Trainable parameters.
+    #[serde(default)]
+    pub trainable_params: usize,
+    /// Bytes of a checkpoint (the trainable parameters, their moments, the state).
+    #[serde(default)]
+    pub checkpoint_bytes: u64,
+    /// Seconds writing it (fsynced).
+    #[serde(default)]
+    pub checkpoint_s: f64,
+    /// Bytes of one weight publication (none without a tokenizer: the random model).
+    #[serde(default)]
+    pub publish_bytes: Option<u64>,
+    /// Best seconds copying them into a weight-store slot.
+    #[serde(default)]
+    pub publish_s: Option<f64>,
 }
 
 /// The parent side of `bench train --grpo`.
@@ -249,40 +269,41 @@ pub fn run(args: &BenchTrainArgs) -> Result<()> {
 
     let exe = std::env::current_exe().context("while locating this executable")?;
     let mut runs = Vec::new();
+    let children = args.threads.len() * args.layouts.len() * args.lora_ranks.len();
+    let bar = indicatif::ProgressBar::new(children as u64);
     for &threads in &args.threads {
         for &layout in &args.layouts {
-            let mut cmd = Command::new(&exe);
-            cmd.args(["bench", "train-child", "--threads", &threads.to_string()])
-                .args(super::shape_args(s))
-                .arg("--grpo-batch")
-                .arg(&batch_file)
-                .args(["--layout", layout.name()])
-                .args(["--micro-batch-tokens", &args.micro_batch_tokens.to_string()])
-                .env("RAYON_NUM_THREADS", threads.to_string());
-            let out = cmd.output().with_context(|| {
-                format!(
-                    "while starting the {threads}-thread {} child",
-                    layout.name()
-                )
-            })?;
-            if !out.status.success() {
-                bail!(
-                    "the {threads}-thread {} child failed ({}): {}",
-                    layout.name(),
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                );
+            for &rank in &args.lora_ranks {
+                let what = format!("{threads}-thread {} rank-{rank}", layout.name());
+                bar.set_message(what.clone());
+                let mut cmd = Command::new(&exe);
+                cmd.args(["bench", "train-child", "--threads", &threads.to_string()])
+                    .args(super::shape_args(s))
+                    .arg("--grpo-batch")
+                    .arg(&batch_file)
+                    .args(["--layout", layout.name()])
+                    .args(["--micro-batch-tokens", &args.micro_batch_tokens.to_string()])
+                    .args(["--lora-rank", &rank.to_string()])
+                    .env("RAYON_NUM_THREADS", threads.to_string());
+                let out = cmd
+                    .output()
+                    .with_context(|| format!("while starting the {what} child"))?;
+                if !out.status.success() {
+                    bail!(
+                        "the {what} child failed ({}): {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                let line = String::from_utf8_lossy(&out.stdout);
+                let run: GrpoRun = serde_json::from_str(line.trim())
+                    .with_context(|| format!("while reading the {what} child's report"))?;
+                runs.push(run);
+                bar.inc(1);
             }
-            let line = String::from_utf8_lossy(&out.stdout);
-            let run: GrpoRun = serde_json::from_str(line.trim()).with_context(|| {
-                format!(
-                    "while reading the {threads}-thread {} child's report",
-                    layout.name()
-                )
-            })?;
-            runs.push(run);
         }
     }
+    bar.finish_and_clear();
     let (prompt_tokens, completion_tokens) = batch.token_counts();
     let sizes: Vec<usize> = batch.groups.iter().map(|g| g.completions.len()).collect();
     if args.json {
@@ -318,9 +339,10 @@ pub fn run(args: &BenchTrainArgs) -> Result<()> {
         args.micro_batch_tokens
     );
     println!(
-        "{:>7} {:>13} {:>9} {:>8} {:>8} {:>6} {:>7} {:>8} {:>11} {:>11} {:>9} {:>9} {:>8}",
+        "{:>7} {:>13} {:>4} {:>9} {:>8} {:>8} {:>6} {:>7} {:>8} {:>11} {:>11} {:>9} {:>7} {:>9} {:>8} {:>8} {:>7} {:>8} {:>7}",
         "threads",
         "layout",
+        "rank",
         "computed",
         "padding",
         "prompt",
@@ -330,23 +352,36 @@ pub fn run(args: &BenchTrainArgs) -> Result<()> {
         "compl_tok/s",
         "comp_tok/s",
         "vs_padded",
+        "vs_full",
         "gemm_GF/s",
-        "peak_RSS"
+        "peak_RSS",
+        "ckpt_MB",
+        "ckpt_s",
+        "pub_MB",
+        "pub_s"
     );
     for r in &runs {
-        let base = runs
-            .iter()
-            .find(|b| b.threads == r.threads && b.layout == LayoutArg::Padded);
-        let ratio = base.map_or(String::from("-"), |b| {
-            format!(
-                "{:.2}x",
-                r.completion_tokens_per_s / b.completion_tokens_per_s
-            )
-        });
+        let ratio_to = |b: Option<&GrpoRun>| {
+            b.map_or(String::from("-"), |b| {
+                format!(
+                    "{:.2}x",
+                    r.completion_tokens_per_s / b.completion_tokens_per_s
+                )
+            })
+        };
+        let ratio = ratio_to(runs.iter().find(|b| {
+            b.threads == r.threads && b.layout == LayoutArg::Padded && b.lora_rank == r.lora_rank
+        }));
+        let vs_full = ratio_to(
+            runs.iter()
+                .find(|b| b.threads == r.threads && b.layout == r.layout && b.lora_rank == 0),
+        );
+        let mb = |b: u64| b as f64 / 1e6;
         println!(
-            "{:>7} {:>13} {:>9} {:>7.1}% {:>7.1}% {:>6} {:>7.2} {:>8.3} {:>11.1} {:>11.1} {:>9} {:>9.1} {:>6.2}GB",
+            "{:>7} {:>13} {:>4} {:>9} {:>7.1}% {:>7.1}% {:>6} {:>7.2} {:>8.3} {:>11.1} {:>11.1} {:>9} {:>7} {:>9.1} {:>6.2}GB {:>8.1} {:>7.2} {:>8} {:>7}",
             r.threads,
             r.layout.name(),
+            r.lora_rank,
             r.computed_tokens,
             100.0 * r.padding_tokens as f64 / r.computed_tokens.max(1) as f64,
             100.0 * r.prompt_tokens as f64 / r.computed_tokens.max(1) as f64,
@@ -356,8 +391,13 @@ pub fn run(args: &BenchTrainArgs) -> Result<()> {
             r.completion_tokens_per_s,
             r.computed_tokens_per_s,
             ratio,
+            vs_full,
             r.gemm_gflops,
             r.peak_rss_bytes as f64 / 1e9,
+            mb(r.checkpoint_bytes),
+            r.checkpoint_s,
+            r.publish_bytes.map_or("-".into(), |b| format!("{:.1}", mb(b))),
+            r.publish_s.map_or("-".into(), |t| format!("{t:.3}")),
         );
     }
     Ok(())
@@ -393,7 +433,16 @@ pub fn run_child(args: &BenchTrainChildArgs, batch_file: &Path) -> Result<()> {
     );
     let batch = read_batch(batch_file)?;
     let prepared = batch.prepared();
-    let decoder = load(s)?;
+    let (decoder, tokenizer) = load_with_tokenizer(s)?;
+    let lora = match args.lora_rank {
+        0 => None,
+        r => Some(model::LoraConfig::new(
+            r,
+            model::LoraConfig::default_alpha(r),
+        )?),
+    };
+    let decoder = crate::step::adapt(decoder, lora.as_ref(), 0)?;
+    let trainable_params = decoder.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let hidden = decoder.config().hidden_size;
     let vocab = decoder.config().vocab_size;
     let (prefix_sharing, packing) = layout.flags();
@@ -420,8 +469,13 @@ pub fn run_child(args: &BenchTrainChildArgs, batch_file: &Path) -> Result<()> {
         last = Some(stats);
     }
     let stats = last.context("no step ran")?;
-    drop(learner);
     let peak_rss_bytes = peak_rss()?;
+    let (checkpoint_bytes, checkpoint_s) = checkpoint_cost(&learner)?;
+    let publish = match &tokenizer {
+        Some(t) => Some(publish_cost(&learner, t, s.iters)?),
+        None => None,
+    };
+    drop(learner);
     let gemm_gflops = gemm_rate([stats.tokens, hidden, vocab], s.iters)?;
     let run = GrpoRun {
         threads,
@@ -440,7 +494,44 @@ pub fn run_child(args: &BenchTrainChildArgs, batch_file: &Path) -> Result<()> {
         computed_tokens_per_s: stats.layout.computed_tokens as f64 / best_step,
         gemm_gflops,
         peak_rss_bytes,
+        lora_rank: args.lora_rank,
+        trainable_params,
+        checkpoint_bytes,
+        checkpoint_s,
+        publish_bytes: publish.map(|p| p.0),
+        publish_s: publish.map(|p| p.1),
     };
     println!("{}", serde_json::to_string(&run)?);
     Ok(())
+}
+
+/// Writes one checkpoint of `learner` into a temporary directory: its bytes and seconds.
+fn checkpoint_cost(learner: &Learner) -> Result<(u64, f64)> {
+    let root = tempfile::tempdir().context("while creating a checkpoint directory")?;
+    let t = std::time::Instant::now();
+    let dir = learner.save_checkpoint(root.path(), 1, &serde_json::Value::Null, 1)?;
+    let secs = t.elapsed().as_secs_f64();
+    let mut bytes = 0;
+    for e in std::fs::read_dir(&dir)? {
+        bytes += e?.metadata()?.len();
+    }
+    Ok((bytes, secs))
+}
+
+/// Copies `learner`'s published tensors (the adapters with LoRA) into a slot of the weight
+/// store's size, as a publication does: its bytes and the best of `iters` seconds.
+fn publish_cost(
+    learner: &Learner,
+    tokenizer: &model::Tokenizer,
+    iters: usize,
+) -> Result<(u64, f64)> {
+    let bridge = model::WeightBridge::for_decoder(learner.model(), tokenizer)?;
+    let mut slot = vec![0u8; bridge.manifest().total_size()];
+    let mut best = f64::INFINITY;
+    for _ in 0..iters.max(1) {
+        let t = std::time::Instant::now();
+        bridge.write(learner.model(), &mut slot)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok((slot.len() as u64, best))
 }
