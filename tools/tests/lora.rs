@@ -82,7 +82,7 @@ fn check_export(out: &Path, rank: usize, alpha: f64) {
     assert_eq!(tensors.len(), 2 * modules.len() * layers);
     for l in 0..layers {
         for m in modules {
-            let path = if m.ends_with("gate_proj") || m == "up_proj" || m == "down_proj" {
+            let path = if matches!(m, "gate_proj" | "up_proj" | "down_proj") {
                 format!("model.layers.{l}.mlp.{m}")
             } else {
                 format!("model.layers.{l}.self_attn.{m}")
