@@ -253,18 +253,8 @@ impl Learner {
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<CheckpointState> {
         let state = verify(dir)?;
         if state.lora.as_ref() != self.model().lora() {
-            let describe = |l: Option<&model::LoraConfig>| match l {
-                None => "full fine-tuning".to_string(),
-                Some(l) => format!(
-                    "LoRA rank {} alpha {} on {}",
-                    l.rank(),
-                    l.alpha(),
-                    l.targets()
-                        .iter()
-                        .map(|t| t.module_name())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                ),
+            let describe = |l: Option<&model::LoraConfig>| {
+                l.map_or("full fine-tuning".into(), model::LoraConfig::to_string)
             };
             return Err(LearnerError::Checkpoint {
                 path: dir.join(STATE_FILE),

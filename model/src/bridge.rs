@@ -284,21 +284,9 @@ impl WeightBridge {
     }
 }
 
-/// `rank 8, alpha 16, q_proj,…` or `none`, for errors.
+/// The adapters' [`LoraConfig`] display, or `none`, for errors.
 fn describe(lora: Option<&LoraConfig>) -> String {
-    match lora {
-        None => "none".into(),
-        Some(l) => format!(
-            "rank {}, alpha {}, {}",
-            l.rank(),
-            l.alpha(),
-            l.targets()
-                .iter()
-                .map(|t| t.module_name())
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
-    }
+    lora.map_or("none".into(), LoraConfig::to_string)
 }
 
 /// Copies tensor `t` (any float dtype, any device) into `dst` as little-endian f32.

@@ -345,27 +345,30 @@ impl Proj {
 
 /// [`linear`] through [`ops::frozen_linear`]: no gradient for `w`.
 fn linear_frozen(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims();
-    let (lead, k) = dims.split_at(dims.len() - 1);
-    let rows: usize = lead.iter().product();
-    let mut out_shape = lead.to_vec();
-    out_shape.push(w.dim(0)?);
-    let y = ops::frozen_linear(&x.contiguous()?.reshape((rows, k[0]))?, w)?.reshape(out_shape)?;
-    Ok(match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
+    on_rows(x, w.dim(0)?, b, |x2| ops::frozen_linear(x2, w))
 }
 
 /// [`linear_frozen`] with the layer's adapter, as one node ([`ops::frozen_lora_linear`]).
 fn linear_frozen_lora(x: &Tensor, w: &Tensor, ad: &Adapter, b: Option<&Tensor>) -> Result<Tensor> {
+    on_rows(x, w.dim(0)?, b, |x2| {
+        ops::frozen_lora_linear(x2, w, &ad.a, &ad.b, ad.scale)
+    })
+}
+
+/// `f` over `x`'s leading axes folded into rows ((rows, in) → (rows, out)), unfolded again, plus
+/// the bias.
+fn on_rows(
+    x: &Tensor,
+    out: usize,
+    b: Option<&Tensor>,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
     let dims = x.dims();
     let (lead, k) = dims.split_at(dims.len() - 1);
     let rows: usize = lead.iter().product();
     let mut out_shape = lead.to_vec();
-    out_shape.push(w.dim(0)?);
-    let x2 = x.contiguous()?.reshape((rows, k[0]))?;
-    let y = ops::frozen_lora_linear(&x2, w, &ad.a, &ad.b, ad.scale)?.reshape(out_shape)?;
+    out_shape.push(out);
+    let y = f(&x.contiguous()?.reshape((rows, k[0]))?)?.reshape(out_shape)?;
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,

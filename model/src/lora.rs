@@ -150,6 +150,20 @@ pub struct LoraConfig {
     targets: BTreeSet<LoraTarget>,
 }
 
+impl std::fmt::Display for LoraConfig {
+    /// `LoRA rank 8 alpha 16 on q_proj,k_proj,…`, for messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let modules: Vec<&str> = self.targets.iter().map(|t| t.module_name()).collect();
+        write!(
+            f,
+            "LoRA rank {} alpha {} on {}",
+            self.rank,
+            self.alpha,
+            modules.join(",")
+        )
+    }
+}
+
 /// [`LoraConfig`] as a config file or checkpoint writes it: `rank`, `alpha` (default 2·rank)
 /// and `targets` (module names, default all seven); validated on reading.
 #[derive(Debug, Clone, Serialize, Deserialize)]
