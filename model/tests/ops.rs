@@ -324,13 +324,20 @@ fn cases() -> Vec<Case> {
             differentiable: vec![x_trains, false, true, true],
         });
     }
-    for (temperature, chunks) in [
-        (1.0, ops::HeadChunks::default()),
-        (0.7, ops::HeadChunks { rows: 2, vocab: 3 }),
-        (1.3, ops::HeadChunks { rows: 4, vocab: 16 }),
+    // The last case: a frozen head (a LoRA base), whose backward computes the hidden states'
+    // gradient alone.
+    for (temperature, chunks, head_trains) in [
+        (1.0, ops::HeadChunks::default(), true),
+        (0.7, ops::HeadChunks { rows: 2, vocab: 3 }, true),
+        (1.3, ops::HeadChunks { rows: 4, vocab: 16 }, true),
+        (0.7, ops::HeadChunks { rows: 3, vocab: 5 }, false),
     ] {
         out.push(Case {
-            name: "head_logprobs",
+            name: if head_trains {
+                "head_logprobs"
+            } else {
+                "head_logprobs (frozen head)"
+            },
             new: Box::new(move |t| {
                 ops::head_logprobs_chunked(&t[0], &t[1], &t[2], temperature, chunks).unwrap()
             }),
@@ -346,7 +353,7 @@ fn cases() -> Vec<Case> {
                     targets,
                 ]
             },
-            differentiable: vec![true, true, false],
+            differentiable: vec![true, head_trains, false],
         });
     }
     out

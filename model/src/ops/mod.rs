@@ -8,7 +8,9 @@
 //! graph alive).
 //!
 //! The output head ([`head_logprobs`]) never materialises the whole (rows × vocab) logits: the
-//! forward runs in row chunks, the backward recomputes the logits in vocabulary chunks.
+//! forward runs in row chunks and keeps each row's expected output embedding, from which the
+//! backward has the hidden states' gradient; only a trained head's weight gradient recomputes
+//! the logits, in vocabulary chunks.
 //!
 //! Every op is checked against finite differences in f64 and against the composed form in f32
 //! (`model/tests/ops.rs`). On devices other than the CPU the composed forms are used.
@@ -545,18 +547,25 @@ pub fn head_logprobs_composed(
         .reshape(n)
 }
 
-/// Forward of the head in row chunks: (log π(target), logsumexp) per row, both (n).
+/// Forward of the head in row chunks: (log π(target), logsumexp) per row, both (n), and with
+/// `expect` the expected output embedding under π per row, `E_i = Σ_v π_i(v)·W_v`, (n, h).
+///
+/// `E` is what the backward needs for the hidden states' gradient
+/// (`∂ log π_i(t_i)/∂h_i = (W_{t_i} − E_i)/T`); it costs one GEMM here while the chunk's
+/// probabilities are at hand, instead of recomputing the logits in the backward.
 fn head_forward(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     temperature: f64,
     chunk_rows: usize,
-) -> candle_core::Result<(Tensor, Tensor)> {
+    expect: bool,
+) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
     let n = hidden.dim(0)?;
     let wt = weight.t()?;
     let mut picked = Vec::new();
     let mut lses = Vec::new();
+    let mut expected = Vec::new();
     let mut start = 0;
     while start < n {
         let len = chunk_rows.min(n - start);
@@ -568,17 +577,26 @@ fn head_forward(
         };
         // The same arithmetic as candle's log_softmax: (x_t − max) − log Σ exp(x − max).
         let max = logits.max_keepdim(D::Minus1)?;
-        let sum_exp = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+        let exp = logits.broadcast_sub(&max)?.exp()?;
+        let sum_exp = exp.sum_keepdim(D::Minus1)?;
         let t = targets.narrow(0, start, len)?.reshape((len, 1))?;
         let x_t = logits.gather(&t.contiguous()?, 1)?;
         let log_sum = sum_exp.log()?;
         picked.push(x_t.broadcast_sub(&max)?.broadcast_sub(&log_sum)?);
         lses.push((max + log_sum)?);
+        if expect {
+            expected.push(exp.broadcast_div(&sum_exp)?.matmul(weight)?);
+        }
         start += len;
     }
     let picked = Tensor::cat(&picked, 0)?.reshape(n)?;
     let lse = Tensor::cat(&lses, 0)?.reshape(n)?;
-    Ok((picked, lse))
+    let expected = if expect {
+        Some(Tensor::cat(&expected, 0)?)
+    } else {
+        None
+    };
+    Ok((picked, lse, expected))
 }
 
 struct HeadOp {
@@ -587,6 +605,8 @@ struct HeadOp {
     temperature: f64,
     /// log Σ_v exp(logit_v / T) per row, (n).
     lse: Tensor,
+    /// Σ_v π(v)·W_v per row, (n, h).
+    expected: Tensor,
     value: Precomputed,
 }
 
@@ -612,24 +632,32 @@ impl CustomOp2 for HeadOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // out_i = z_{i,t_i} − lse_i with z = h·Wᵀ/T, so dL/dz_{i,v} = g_i·(δ_{v,t_i} − p_{i,v}).
-        // The softmax part runs in vocabulary chunks (logits recomputed); the one-hot part is
-        // a gather / scatter-add of single rows.
+        // out_i = z_{i,t_i} − lse_i with z = h·Wᵀ/T, so dL/dz_{i,v} = g_i·(δ_{v,t_i} − p_{i,v})
+        // and dL/dh_i = g_i·(W_{t_i} − E_i)/T with E = p·W from the forward. The weight's
+        // gradient (not for a frozen head, a LoRA base) needs p itself: it runs in vocabulary
+        // chunks (logits recomputed); its one-hot part is a scatter-add of single rows.
         let (h, w) = (hidden.detach(), weight.detach());
         let (n, _) = h.dims2()?;
         let v = w.dim(0)?;
         let inv_t = 1.0 / self.temperature;
+        let g = g.detach().reshape((n, 1))?;
+        let targets = &self.targets;
+        let grad_h = (w.index_select(targets, 0)? - &self.expected)?.broadcast_mul(&g)?;
+        let grad_h = if self.temperature == 1.0 {
+            grad_h
+        } else {
+            (grad_h * inv_t)?
+        };
+        if !weight.track_op() {
+            return Ok((Some(grad_h), None));
+        }
         let hs = if self.temperature == 1.0 {
-            h.clone()
+            h
         } else {
             (&h * inv_t)?
         };
-        let g = g.detach().reshape((n, 1))?;
         let neg_g = g.neg()?;
         let lse = self.lse.reshape((n, 1))?;
-        // A frozen head (a LoRA base) needs no gradient: skip its GEMM per chunk.
-        let want_w = weight.track_op();
-        let mut grad_h: Option<Tensor> = None;
         let mut grad_w = Vec::with_capacity(v.div_ceil(self.chunk_vocab));
         let mut start = 0;
         while start < v {
@@ -637,33 +665,11 @@ impl CustomOp2 for HeadOp {
             let w_c = w.narrow(0, start, len)?;
             let p = hs.matmul(&w_c.t()?)?.broadcast_sub(&lse)?.exp()?;
             let d = p.broadcast_mul(&neg_g)?; // −g·p, (n, len)
-            let gh = d.matmul(&w_c)?;
-            grad_h = Some(match grad_h {
-                Some(acc) => (acc + gh)?,
-                None => gh,
-            });
-            if want_w {
-                grad_w.push(d.t()?.matmul(&hs)?);
-            }
+            grad_w.push(d.t()?.matmul(&hs)?);
             start += len;
         }
-        let targets = &self.targets;
-        let grad_w = if want_w {
-            Some(Tensor::cat(&grad_w, 0)?.index_add(targets, &hs.broadcast_mul(&g)?, 0)?)
-        } else {
-            None
-        };
-        let onehot_h = w.index_select(targets, 0)?.broadcast_mul(&g)?;
-        let grad_h = match grad_h {
-            Some(acc) => (acc + onehot_h)?,
-            None => onehot_h,
-        };
-        let grad_h = if self.temperature == 1.0 {
-            grad_h
-        } else {
-            (grad_h * inv_t)?
-        };
-        Ok((Some(grad_h), grad_w))
+        let grad_w = Tensor::cat(&grad_w, 0)?.index_add(targets, &hs.broadcast_mul(&g)?, 0)?;
+        Ok((Some(grad_h), Some(grad_w)))
     }
 }
 
@@ -700,16 +706,18 @@ pub fn head_logprobs_chunked(
     }
     let hidden = hidden.contiguous()?;
     let targets = targets.contiguous()?;
-    let (value, lse) = head_forward(
+    let backward = hidden.track_op() || weight.track_op();
+    let (value, lse, expected) = head_forward(
         &hidden.detach(),
         &weight.detach(),
         &targets,
         temperature,
         chunks.rows,
+        backward,
     )?;
-    if !hidden.track_op() && !weight.track_op() {
+    let Some(expected) = expected else {
         return Ok(value);
-    }
+    };
     hidden.apply_op2(
         weight,
         HeadOp {
@@ -717,6 +725,7 @@ pub fn head_logprobs_chunked(
             chunk_vocab: chunks.vocab,
             temperature,
             lse,
+            expected,
             value: Precomputed::new(value),
         },
     )
