@@ -16,6 +16,7 @@ pub mod bench_rollout;
 pub mod bench_train;
 pub mod calibrate;
 pub mod eval;
+pub mod heap;
 pub mod lm;
 pub mod modelargs;
 pub mod probe;

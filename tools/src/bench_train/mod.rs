@@ -289,6 +289,8 @@ fn shape_args(s: &TrainShape) -> Vec<String> {
 
 /// Runs the hidden `bench train-child`: measures, prints one JSON line.
 pub fn run_child(args: &BenchTrainChildArgs) -> Result<()> {
+    // As the learner service does: the bench measures the learner's step as it runs there.
+    crate::heap::keep_freed_memory();
     let s = &args.shape;
     check_shape(s)?;
     if let Some(batch) = &args.grpo_batch {

@@ -270,6 +270,9 @@ impl ControlLink {
 /// Runs the learner service until its steps are done or it is stopped.
 pub fn main(args: LearnerArgs) -> Result<()> {
     let (mut cfg, paths, stop) = args.common.start("learner", |c| c.learner_threads)?;
+    if !crate::heap::keep_freed_memory() {
+        tracing::debug!("the allocator keeps its defaults (not glibc, or a setting refused)");
+    }
     if let Some(k) = args.keep_checkpoints {
         cfg.keep_checkpoints = usize::try_from(k).context("--keep-checkpoints is too large")?;
     }
