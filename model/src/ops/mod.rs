@@ -585,7 +585,8 @@ fn head_forward(
         picked.push(x_t.broadcast_sub(&max)?.broadcast_sub(&log_sum)?);
         lses.push((max + log_sum)?);
         if expect {
-            expected.push(exp.broadcast_div(&sum_exp)?.matmul(weight)?);
+            // (exp · W) / Σ exp: the division on (len, h) rather than on (len, vocab).
+            expected.push(exp.matmul(weight)?.broadcast_div(&sum_exp)?);
         }
         start += len;
     }
